@@ -1,0 +1,1 @@
+"""One LightningDataModule per dataset; shared image-classification plumbing in ``base``."""

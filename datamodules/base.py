@@ -1,0 +1,201 @@
+"""Shared plumbing for image-classification DataModules: arrays or files in, albumentations out.
+
+A subclass only says where its images come from (``load_splits``); splitting, transforms and loaders
+are here, so every dataset behaves the same way under the same overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+class DatasetError(RuntimeError):
+    """A one-line, user-facing problem with a dataset on disk."""
+
+
+Images = np.ndarray | Sequence[str]  # uint8 N x H x W (x C) arrays, or image file paths
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an image file as uint8 RGB; an unreadable file is named in the error."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError(f"unreadable image file: {path} (expected a JPEG/PNG/BMP image)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """Grayscale images are replicated to 3 channels so every backbone takes the same input."""
+    if img.ndim == 2:
+        return np.repeat(img[:, :, None], 3, axis=2)
+    if img.shape[2] == 1:
+        return np.repeat(img, 3, axis=2)
+    return img
+
+
+def build_transform(input_size: int, mean: Sequence[float], std: Sequence[float], augment: str = "none"):
+    """albumentations pipeline; ``augment``: none | flip_crop (pad + random crop + flip) | resized_crop."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    s = int(input_size)
+    if augment == "none":
+        geo = [A.Resize(s, s)]
+    elif augment == "flip_crop":
+        pad = max(1, s // 8)
+        geo = [A.Resize(s, s), A.PadIfNeeded(s + 2 * pad, s + 2 * pad, border_mode=0), A.RandomCrop(s, s), A.HorizontalFlip()]
+    elif augment == "resized_crop":
+        geo = [A.RandomResizedCrop(size=(s, s), scale=(0.5, 1.0)), A.HorizontalFlip()]
+    else:
+        raise ValueError(f"dataset.augment={augment!r}: expected none, flip_crop or resized_crop")
+    return A.Compose([*geo, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
+
+
+class ImageDataset(Dataset):
+    """Images (an array or file paths) with integer labels, through an albumentations transform."""
+
+    def __init__(self, images: Images, labels: np.ndarray, transform=None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> np.ndarray:
+        item = self.images[index]
+        return to_rgb(read_image(item) if isinstance(item, str | Path) else np.asarray(item))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = self.load(index)
+        x = self.transform(image=img)["image"] if self.transform is not None else torch.from_numpy(img)
+        return x, int(self.labels[index])
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held_out): ``fraction`` of each class held out, deterministic from ``seed``."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n = int(round(len(idx) * fraction))
+        held.append(idx[:n])
+        keep.append(idx[n:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def subset(images: Images, idx: np.ndarray) -> Images:
+    return images[idx] if isinstance(images, np.ndarray) else [images[i] for i in idx]
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Train/val/test splits of labelled images. Subclasses implement ``load_splits`` and ``class_names``.
+
+    ``load_splits`` returns ``{"train": (images, labels), "test": (...), ["val": (...)]}``; without a
+    ``val`` split, ``val_fraction`` of train (stratified, from ``seed``) becomes validation.
+    """
+
+    name = "images"
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        input_size: int = 32,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        augment: str = "none",
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.25, 0.25, 0.25),
+        pin_memory: bool = False,
+        max_train_samples: int | None = None,
+    ):
+        super().__init__()
+        self.data_dir = None if data_dir is None else Path(os.path.expanduser(str(data_dir)))
+        self.input_size, self.batch_size = int(input_size), int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), pin_memory
+        self.val_fraction, self.seed, self.augment = float(val_fraction), int(seed), augment
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.max_train_samples = max_train_samples
+        self.splits: dict[str, ImageDataset] = {}
+
+    # -- what a subclass provides ---------------------------------------------------------------
+    def load_splits(self) -> dict[str, tuple[Images, np.ndarray]]:
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = self.load_splits()
+        train_x, train_y = raw["train"]
+        train_y = np.asarray(train_y, dtype=np.int64)
+        if "val" in raw:
+            val_x, val_y = raw["val"]
+        else:
+            keep, held = stratified_split(train_y, self.val_fraction, self.seed)
+            val_x, val_y = subset(train_x, held), train_y[held]
+            train_x, train_y = subset(train_x, keep), train_y[keep]
+        if self.max_train_samples and len(train_y) > self.max_train_samples:
+            idx = np.sort(np.random.default_rng(self.seed).permutation(len(train_y))[: self.max_train_samples])
+            train_x, train_y = subset(train_x, idx), train_y[idx]
+        if len(np.unique(train_y)) < 2:
+            raise DatasetError(f"dataset '{self.name}' at {self.data_dir}: the training split has fewer than 2 classes")
+        train_tf = build_transform(self.input_size, self.mean, self.std, self.augment)
+        eval_tf = build_transform(self.input_size, self.mean, self.std, "none")
+        test_x, test_y = raw["test"]
+        self.splits = {
+            "train": ImageDataset(train_x, train_y, train_tf),
+            "val": ImageDataset(val_x, val_y, eval_tf),
+            "test": ImageDataset(test_x, test_y, eval_tf),
+        }
+        log.info(
+            "%s: %s", self.name, ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,57 @@
+"""Reader for the IDX format of (Fashion-)MNIST, plain or gzipped."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.base import DatasetError
+
+_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise DatasetError(f"unreadable IDX file: {path} ({err})") from err
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
+        raise DatasetError(f"not an IDX file: {path} (bad magic number)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset, dtype = 4 + 4 * ndim, np.dtype(_DTYPES[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise DatasetError(f"truncated IDX file: {path} (header says {dims}, {len(data) - offset} of {expected} bytes)")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(dims)
+
+
+def find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    # torchvision's download layout
+    for name in (stem, stem + ".gz"):
+        for sub in directory.glob(f"*/raw/{name}"):
+            return sub
+    return None
+
+
+def load_idx_split(directory: Path, prefix: str, dataset: str, how_to_get: str) -> tuple[np.ndarray, np.ndarray]:
+    """``prefix`` is ``train`` or ``t10k``; returns (images N x 28 x 28 uint8, labels)."""
+    img = find_idx(directory, f"{prefix}-images-idx3-ubyte")
+    lab = find_idx(directory, f"{prefix}-labels-idx1-ubyte")
+    if img is None or lab is None:
+        raise DatasetError(
+            f"dataset.data_dir={directory}: no {dataset} IDX files there; expected "
+            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]. {how_to_get}"
+        )
+    images, labels = read_idx(img), read_idx(lab).astype(np.int64)
+    if len(images) != len(labels):
+        raise DatasetError(f"{img}: {len(images)} images but {lab.name} has {len(labels)} labels")
+    return images, labels

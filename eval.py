@@ -1,0 +1,36 @@
+"""Evaluate a checkpoint, or turn a multirun into an ablation table.
+
+``python eval.py ckpt_path=logs/classify/runs/<run>/checkpoints/last.ckpt``
+``python eval.py report=logs/classify/multiruns/<sweep> metrics=[test/acc]``
+"""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from transferrable.errors import exit_on_user_error  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval.yaml")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    if cfg.get("report"):
+        from transferrable.report import write_report
+
+        print(write_report(cfg.report, cfg.get("metrics")), end="")
+        print(f"(written to {Path(cfg.report) / 'report.md'})")
+    elif cfg.get("ckpt_path"):
+        from transferrable.runner import evaluate_checkpoint
+
+        evaluate_checkpoint(cfg)
+    else:
+        raise SystemExit("eval.py needs ckpt_path=<checkpoint> or report=<multirun dir>")
+
+
+if __name__ == "__main__":
+    main()

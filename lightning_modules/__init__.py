@@ -1,0 +1,1 @@
+"""One LightningModule per method of the thesis; models (nn.Modules) live in ``models``."""

@@ -1,0 +1,1 @@
+"""Plain nn.Modules (backbones, heads); no training logic lives here."""

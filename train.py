@@ -1,0 +1,28 @@
+"""Train any task of the suite: ``python train.py [task=...] [backbone=...] [dataset=...] [key=value]``.
+
+Sweeps: ``python train.py -m backbone.freeze=none,all``; reports: ``python eval.py report=<sweep dir>``.
+"""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from transferrable.errors import exit_on_user_error  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float | None:
+    from transferrable.runner import train
+
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))  # for hparams_search (Optuna)
+
+
+if __name__ == "__main__":
+    main()

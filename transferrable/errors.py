@@ -1,0 +1,31 @@
+"""Turn the suite's known user-facing errors into one clear line and a non-zero exit, not a traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from datamodules.base import DatasetError
+    from models.backbones import UnknownTapError
+    from models.weights import WeightsError
+
+    return (DatasetError, UnknownTapError, WeightsError, FileNotFoundError)
+
+
+def exit_on_user_error(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except user_error_types() as err:
+            if "TRANSFERRABLE_TRACEBACK" in __import__("os").environ:
+                raise
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper

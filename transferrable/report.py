@@ -1,0 +1,68 @@
+"""Ablation reports: one Markdown table from every run of a Hydra multirun.
+
+Each run writes ``metrics.json`` in its output directory and Hydra writes ``.hydra/overrides.yaml``
+beside it; rows are labelled by the overrides that differ between runs, columns are metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from transferrable.atomic import atomic_write_text
+from transferrable.runner import METRICS_FILE
+
+
+def collect_runs(sweep_dir: str | Path) -> list[dict]:
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"report={str(sweep_dir)!r}: no such multirun directory")
+    runs = []
+    for metrics_file in sorted(sweep_dir.rglob(METRICS_FILE), key=lambda p: _run_order(p.parent, sweep_dir)):
+        run_dir = metrics_file.parent
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        runs.append({
+            "dir": run_dir,
+            "overrides": dict(o.split("=", 1) for o in overrides if "=" in o),
+            "metrics": json.loads(metrics_file.read_text()),
+        })
+    if not runs:
+        raise FileNotFoundError(
+            f"report={str(sweep_dir)!r}: no run with {METRICS_FILE} below it (expected <dir>/<job>/{METRICS_FILE})"
+        )
+    return runs
+
+
+def _run_order(run_dir: Path, root: Path):
+    parts = run_dir.relative_to(root).parts
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def markdown_table(runs: list[dict], metrics: Sequence[str] | None = None) -> str:
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] or keys
+    if metrics is None:
+        metrics = sorted({k for r in runs for k, v in r["metrics"].items() if isinstance(v, int | float)})
+    header = [*varying, *metrics] or ["run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        row = [r["overrides"].get(k, "-") for k in varying] + [_fmt(r["metrics"].get(m)) for m in metrics]
+        lines.append("| " + " | ".join(row or [r["dir"].name]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> str:
+    runs = collect_runs(sweep_dir)
+    table = markdown_table(runs, metrics)
+    atomic_write_text(Path(sweep_dir) / "report.md", table)
+    return table

@@ -1,0 +1,161 @@
+"""Build a run from a composed config and execute it; ``train.py`` and ``eval.py`` are thin wrappers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def instantiate_list(node: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-configs node (callbacks, loggers)."""
+    from hydra.utils import instantiate
+
+    if not node:
+        return []
+    return [instantiate(c) for c in node.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build_datamodule(cfg: DictConfig):
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.dataset)
+
+
+def build_model(cfg: DictConfig, num_classes: int):
+    """Backbone first (weights already resolved to a file), then the task's LightningModule."""
+    from hydra.utils import instantiate
+
+    backbone = instantiate(cfg.backbone)
+    model = instantiate(cfg.model, backbone=backbone, num_classes=num_classes)
+    model.run_config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    return model
+
+
+def build_trainer(cfg: DictConfig, loggers: list | None = None):
+    from hydra.utils import instantiate
+
+    if loggers is None:
+        loggers = instantiate_list(cfg.get("logger"))
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    if not loggers:  # Lightning refuses a learning-rate monitor without a logger to write to
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def _plain_metrics(metrics: dict) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) the configured task; writes ``metrics.json`` in the run's output directory."""
+    import lightning as L
+
+    from transferrable.atomic import atomic_write_json
+    from transferrable.source import resolve_source_weights
+
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    resolve_source_weights(cfg)
+
+    datamodule = build_datamodule(cfg)
+    model = build_model(cfg, datamodule.num_classes)
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer = build_trainer(cfg, loggers)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = _plain_metrics(trainer.callback_metrics)
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt = best if (cfg.get("train", True) and best) else None
+        if not cfg.get("train", True):
+            ckpt = cfg.get("ckpt_path")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        metrics.update(_plain_metrics(trainer.callback_metrics))
+        if ckpt:
+            metrics["test_checkpoint"] = ckpt  # type: ignore[assignment]
+
+    for key, value in list(metrics.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            log.warning("metric %s is %s", key, value)
+    output_dir = Path(cfg.paths.output_dir)
+    atomic_write_json(output_dir / METRICS_FILE, metrics)
+    _print_summary(cfg, trainer, metrics, output_dir)
+    for lg in loggers:
+        if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+    return metrics
+
+
+def _print_summary(cfg: DictConfig, trainer, metrics: dict, output_dir: Path) -> None:
+    lines = [f"run directory : {output_dir}"]
+    cb = trainer.checkpoint_callback
+    if cb is not None and cb.dirpath:
+        lines.append(f"checkpoints   : {cb.dirpath} (best: {Path(cb.best_model_path).name or '-'})")
+    lines.append(f"metrics       : {output_dir / METRICS_FILE}")
+    for lg in trainer.loggers:
+        kind = type(lg).__name__
+        if kind == "WandbLogger":
+            run = lg.experiment
+            where = getattr(run, "dir", None) or lg.save_dir
+            mode = "offline (upload later with `wandb sync`)" if lg._offline else "online"
+            lines.append(f"W&B run       : {Path(where).parent if where else lg.save_dir} [{mode}]")
+        else:
+            lines.append(f"{kind:<13} : {lg.log_dir}")
+    shown = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    if shown:
+        lines.append("test metrics  : " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
+    print("\n".join(lines), flush=True)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild the run stored inside a checkpoint and test it; metrics JSON goes next to the checkpoint."""
+    import torch
+
+    from transferrable.atomic import atomic_write_json
+
+    ckpt_path = Path(os.path.expanduser(str(cfg.ckpt_path)))
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file")
+    blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "run_config_yaml" not in blob:
+        raise ValueError(f"ckpt_path={str(ckpt_path)!r}: not a checkpoint written by this suite's train.py")
+    run_cfg = OmegaConf.create(blob["run_config_yaml"])
+    with open_dict(run_cfg):
+        run_cfg.backbone.weights = None  # the checkpoint's state_dict supplies every weight
+        run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.get("dataset") or {})
+        run_cfg.trainer = OmegaConf.merge(run_cfg.trainer, cfg.get("trainer") or {})
+        run_cfg.trainer.default_root_dir = str(ckpt_path.parent)
+        run_cfg.trainer.logger = False
+    datamodule = build_datamodule(run_cfg)
+    model = build_model(run_cfg, datamodule.num_classes)
+    import lightning as L
+
+    trainer = L.Trainer(**{k: v for k, v in OmegaConf.to_container(run_cfg.trainer).items() if k != "_target_"})
+    split = cfg.get("split", "test")
+    runner = trainer.test if split == "test" else trainer.validate
+    results = runner(model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=True)
+    metrics = _plain_metrics(results[0] if results else {})
+    out = ckpt_path.with_name(ckpt_path.stem + f".{split}_metrics.json")
+    atomic_write_json(out, {"checkpoint": str(ckpt_path), "split": split, **metrics})
+    print(f"metrics written to {out}", flush=True)
+    return metrics

@@ -1,0 +1,106 @@
+"""The suite's own source representation: ``backbone.weights=source:<dataset>``.
+
+Offline there are no ImageNet weights, so the suite pretrains a backbone with ``task=classify`` on a
+large labelled source dataset (Fashion-MNIST by default) and caches it. The cache key is the backbone's
+architecture config (everything but weights/freeze) + the source dataset + the input size, so
+``caffenet_mini`` at 32 px pretrained on Fashion-MNIST is trained once and reused by every later task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+SOURCE_PREFIX = "source:"
+# Backbone keys that do not change the learned weights' shapes or meaning.
+_NOT_IN_KEY = ("weights", "freeze", "norm_eval")
+
+
+def source_key(backbone_cfg: DictConfig, dataset: str) -> str:
+    arch = {k: v for k, v in OmegaConf.to_container(backbone_cfg, resolve=True).items() if k not in _NOT_IN_KEY}
+    digest = hashlib.sha256(json.dumps([arch, dataset], sort_keys=True).encode()).hexdigest()[:10]
+    name = str(arch.get("_target_", "backbone")).rsplit(".", 1)[-1].lower()
+    return f"{name}-{dataset}-{arch.get('input_size', 'any')}px-{digest}"
+
+
+def source_checkpoint_path(cfg: DictConfig, dataset: str) -> Path:
+    return Path(cfg.paths.cache_dir) / "source" / f"{source_key(cfg.backbone, dataset)}.pt"
+
+
+def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
+    """``task=classify dataset=<dataset>`` with this run's backbone architecture, hardware and seed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"dataset={dataset}", "task=classify", "logger=csv", "callbacks=default"]
+    overrides += [f"{k}={v}" for k, v in (cfg.get("source_overrides") or {}).items()]
+    if GlobalHydra.instance().is_initialized():
+        pre = compose(config_name="train", overrides=overrides)
+    else:
+        conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            pre = compose(config_name="train", overrides=overrides)
+    with open_dict(pre):
+        pre.backbone = OmegaConf.merge(cfg.backbone, {"weights": None, "freeze": "none"})
+        pre.trainer.accelerator = cfg.trainer.accelerator
+        pre.trainer.devices = cfg.trainer.devices
+        pre.trainer.precision = cfg.trainer.precision
+        pre.seed = cfg.get("seed")
+        pre.paths = OmegaConf.merge(cfg.paths, {"output_dir": str(run_dir)})
+        pre.task_name = f"source_{dataset}"
+        pre.pop("hydra", None)
+    return pre
+
+
+def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
+    """Train the source representation and write it atomically to ``path`` (backbone weights only)."""
+    import torch
+
+    from transferrable.atomic import atomic_torch_save
+    from transferrable.runner import train
+
+    run_dir = path.with_suffix(".run")
+    pre = _pretraining_config(cfg, dataset, run_dir)
+    print(f"[source] no cached representation at {path}; pretraining {cfg.backbone._target_} on {dataset} "
+          f"(task=classify, {pre.trainer.max_epochs} epochs) -> {run_dir}", flush=True)
+    metrics = train(pre)
+    ckpt = metrics.get("test_checkpoint")
+    if not ckpt:
+        raise RuntimeError(f"[source] pretraining on {dataset} produced no checkpoint in {run_dir}")
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = {k[len("backbone."):]: v for k, v in blob["state_dict"].items() if k.startswith("backbone.")}
+    atomic_torch_save(path, {
+        "arch": blob.get("backbone_arch"),
+        "state_dict": state,
+        "source_dataset": dataset,
+        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
+        "config_yaml": OmegaConf.to_yaml(pre.backbone),
+    })
+    print(f"[source] cached {path} (test/acc={metrics.get('test/acc', float('nan')):.4f})", flush=True)
+    return path
+
+
+def resolve_source_weights(cfg: DictConfig) -> None:
+    """Replace ``backbone.weights=source:<dataset>`` by the cached checkpoint, pretraining it if absent."""
+    spec = cfg.backbone.get("weights")
+    if not (isinstance(spec, str) and spec.startswith(SOURCE_PREFIX)):
+        return
+    dataset = spec[len(SOURCE_PREFIX):]
+
+    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+    if not (conf_dir / f"{dataset}.yaml").is_file():
+        choices = sorted(p.stem for p in conf_dir.glob("*.yaml"))
+        raise ValueError(f"backbone.weights={spec!r}: unknown source dataset {dataset!r}; choices: {choices}")
+    path = source_checkpoint_path(cfg, dataset)
+    if not path.is_file():
+        pretrain_source(cfg, dataset, path)
+    else:
+        log.info("using cached source representation %s", path)
+    with open_dict(cfg):
+        cfg.backbone.weights = str(path)
