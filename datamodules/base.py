@@ -93,7 +93,10 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        n = int(round(len(idx) * fraction))
+        # at least one held out per class (when the class can spare it), so a small split is never empty
+        n = int(np.floor(len(idx) * fraction + 0.5))
+        if fraction > 0 and len(idx) >= 2:
+            n = min(max(n, 1), len(idx) - 1)
         held.append(idx[:n])
         keep.append(idx[n:])
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
@@ -166,7 +169,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             idx = np.sort(np.random.default_rng(self.seed).permutation(len(train_y))[: self.max_train_samples])
             train_x, train_y = subset(train_x, idx), train_y[idx]
         if len(np.unique(train_y)) < 2:
-            raise DatasetError(f"dataset '{self.name}' at {self.data_dir}: the training split has fewer than 2 classes")
+            where = f" at {self.data_dir}" if self.data_dir else ""
+            raise DatasetError(f"dataset '{self.name}'{where}: the training split has fewer than 2 classes")
         train_tf = build_transform(self.input_size, self.mean, self.std, self.augment)
         eval_tf = build_transform(self.input_size, self.mean, self.std, "none")
         test_x, test_y = raw["test"]
@@ -188,7 +192,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            drop_last=False,
+            # a last training batch of one sample would break BatchNorm; evaluation sees every sample
+            drop_last=split == "train" and len(self.splits[split]) > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -68,9 +68,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from transferrable.atomic import atomic_write_json
     from transferrable.source import resolve_source_weights
 
+    resolve_source_weights(cfg)  # may pretrain first; seed afterwards so this run is the same either way
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    resolve_source_weights(cfg)
 
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule.num_classes)

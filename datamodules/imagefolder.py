@@ -1,0 +1,188 @@
+"""Folder-of-class-folders images: Caltech-101, SUN-397, Office-31 domains, CUB, ImageNet-style trees.
+
+Two layouts under ``data_dir``:
+
+* split:  ``{train,[val],test}/<class>/<image>`` -- the splits as given (val optional; a tree with only
+  ``train/`` and ``val/``, like ImageNet's, evaluates on ``val/`` and carves validation out of train);
+* flat:   ``<class>/<image>`` -- split by ``seed``: ``train_per_class: N`` (the DeCAF protocol, N per
+  class for training and the rest for test) or else ``test_fraction`` of each class held out.
+
+A class is any folder that directly holds images (.jpg/.jpeg/.png/.bmp, any case), named by its path
+below the split root, so nested trees such as SUN-397's ``a/abbey`` work too; a leading folder shared by
+every class (``images/`` of Office-31's ``amazon/images/<class>``) is dropped from the names. Classes are
+sorted by name unless ``classes`` lists (and so restricts and orders) them. Images stay file paths and
+are decoded lazily, so an unreadable file is named when it is first read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.base import DatasetError, ImageClassificationDataModule, stratified_split
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+LAYOUT = "<data_dir>/<class>/<image>.jpg (split by seed) or <data_dir>/{train,[val],test}/<class>/<image>.jpg"
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def scan_class_folders(root: Path) -> dict[str, list[str]]:
+    """{class folder path below ``root`` (posix): its sorted image paths} for every folder holding images."""
+    found: dict[str, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))  # .git, __MACOSX
+        images = sorted(f for f in filenames if is_image_file(f))
+        rel = Path(dirpath).relative_to(root)
+        if images and rel != Path("."):
+            found[rel.as_posix()] = [os.path.join(dirpath, f) for f in images]
+    return found
+
+
+def strip_common_prefix(names: Sequence[str]) -> dict[str, str]:
+    """Drop leading folders that every name shares (``images/back_pack`` -> ``back_pack``)."""
+    parts = [n.split("/") for n in names]
+    k = 0
+    while len(parts) > 1 and all(len(p) > k + 1 for p in parts) and len({p[k] for p in parts}) == 1:
+        k += 1
+    return {n: "/".join(p[k:]) for n, p in zip(names, parts, strict=True)}
+
+
+def per_class_split(labels: np.ndarray, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test): ``n_train`` random images of each class for training, the rest for test."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train.append(idx[:n_train])
+        test.append(idx[n_train:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+class ImageFolderDataModule(ImageClassificationDataModule):
+    name = "imagefolder"
+
+    def __init__(
+        self,
+        data_dir: str = "data/imagefolder",
+        classes: Sequence[str] | None = None,
+        exclude_classes: Sequence[str] | None = None,
+        train_per_class: int | None = None,
+        test_fraction: float = 0.2,
+        **kwargs,
+    ):
+        super().__init__(data_dir=data_dir, **kwargs)
+        self.classes = None if classes is None else [str(c) for c in classes]
+        self.exclude_classes = [str(c) for c in (exclude_classes or [])]
+        self.train_per_class = None if train_per_class is None else int(train_per_class)
+        self.test_fraction = float(test_fraction)
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise DatasetError(f"dataset.train_per_class={train_per_class}: expected a positive count (or null)")
+        if self.train_per_class is None and not 0.0 < self.test_fraction < 1.0:
+            raise DatasetError(f"dataset.test_fraction={test_fraction}: expected a fraction in (0, 1)")
+        self.layout: str | None = None  # "split" or "flat" once scanned
+        self._scanned: tuple[list[str], dict[str, dict[str, list[str]]]] | None = None
+
+    # -- discovery ------------------------------------------------------------------------------
+    def _split_dirs(self, root: Path) -> dict[str, Path] | None:
+        present = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+        if "train" not in present:
+            return None
+        if "test" not in present and "val" not in present:
+            raise DatasetError(f"dataset.data_dir={root}: found train/ but no test/ or val/ next to it; expected {LAYOUT}")
+        return present
+
+    def _scan(self) -> tuple[list[str], dict[str, dict[str, list[str]]]]:
+        """(class names in label order, {split or "all": {class name: image paths}})."""
+        if self._scanned is not None:
+            return self._scanned
+        root = Path(self.data_dir) if self.data_dir is not None else None
+        if root is None or not root.is_dir():
+            raise DatasetError(f"dataset.data_dir={root} does not exist; expected {LAYOUT}")
+        split_dirs = self._split_dirs(root)
+        self.layout = "flat" if split_dirs is None else "split"
+        raw = {"all": scan_class_folders(root)} if split_dirs is None else {
+            s: scan_class_folders(p) for s, p in split_dirs.items()
+        }
+        rename = strip_common_prefix(sorted({n for found in raw.values() for n in found}))
+        per_split = {s: {rename[n]: paths for n, paths in found.items()} for s, found in raw.items()}
+        source = per_split["all" if split_dirs is None else "train"]
+        where = root if split_dirs is None else split_dirs["train"]
+        if not source:
+            raise DatasetError(
+                f"dataset.data_dir={root}: no class folders with {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
+                f"images under {where}; expected {LAYOUT}"
+            )
+        for key, listed in (("classes", self.classes or []), ("exclude_classes", self.exclude_classes)):
+            for name in listed:
+                if name not in source:
+                    known = ", ".join(sorted(source)[:8]) + (", ..." if len(source) > 8 else "")
+                    raise DatasetError(f"dataset.{key}: no class folder '{name}' under {where} (found: {known})")
+        names = list(self.classes) if self.classes is not None else sorted(source)
+        names = [n for n in names if n not in self.exclude_classes]
+        if len(set(names)) != len(names):
+            raise DatasetError(f"dataset.classes lists a class twice: {names}")
+        if self.classes is None and split_dirs is not None:
+            for s, found in per_split.items():
+                extra = sorted(set(found) - set(names) - set(self.exclude_classes))
+                if extra:
+                    raise DatasetError(
+                        f"dataset.data_dir={root}: {s}/ has class folder '{extra[0]}' that train/ lacks "
+                        f"(set dataset.classes to choose the classes)"
+                    )
+        self._scanned = (names, per_split)
+        return self._scanned
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._scan()[0]
+
+    def _gather(self, found: dict[str, list[str]], names: list[str]) -> tuple[list[str], np.ndarray]:
+        paths, labels = [], []
+        for label, name in enumerate(names):
+            files = found.get(name, [])
+            paths.extend(files)
+            labels.extend([label] * len(files))
+        return paths, np.asarray(labels, dtype=np.int64)
+
+    # -- splits ---------------------------------------------------------------------------------
+    def load_splits(self):
+        names, per_split = self._scan()
+        if self.layout == "split":
+            out = {s: self._gather(found, names) for s, found in per_split.items()}
+            if "test" not in out:
+                out["test"] = out.pop("val")
+                log.info("imagefolder: %s has no test/; evaluating on val/, validation carved from train/", self.data_dir)
+            log.info("imagefolder: %d classes from %s/{%s}", len(names), self.data_dir, ",".join(per_split))
+            return out
+        paths, labels = self._gather(per_split["all"], names)
+        if self.train_per_class is not None:
+            n = self.train_per_class
+            counts = np.bincount(labels, minlength=len(names))
+            smallest = int(np.argmin(counts))
+            if n >= counts[smallest]:
+                raise DatasetError(
+                    f"dataset.train_per_class={n}: class '{names[smallest]}' has only {counts[smallest]} images "
+                    f"in {self.data_dir}; every class needs more than {n} (N for train, the rest for test)"
+                )
+            train, test = per_class_split(labels, n, self.seed)
+            how = f"train_per_class={n}"
+        else:
+            train, test = stratified_split(labels, self.test_fraction, self.seed)
+            how = f"test_fraction={self.test_fraction:g}"
+        log.info(
+            "imagefolder: %d classes from %s, %d train / %d test (%s, seed=%d)",
+            len(names), self.data_dir, len(train), len(test), how, self.seed,
+        )
+        return {
+            "train": ([paths[i] for i in train], labels[train]),
+            "test": ([paths[i] for i in test], labels[test]),
+        }
