@@ -119,7 +119,7 @@ class TapBackbone(nn.Module):
 
     def _finish(self, weights: str | None) -> None:
         """Load a checkpoint given as ``weights`` (hub weights were taken at construction), then freeze."""
-        from models.weights import is_hub_spec, load_backbone_weights, WeightsError
+        from models.weights import WeightsError, is_hub_spec, load_backbone_weights
 
         if weights is not None and not is_hub_spec(weights):
             if str(weights).startswith("source:"):

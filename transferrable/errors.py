@@ -17,13 +17,24 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (DatasetError, UnknownTapError, WeightsError, FileNotFoundError)
 
 
+def find_user_error(err: BaseException | None) -> BaseException | None:
+    """``err`` or the user error it wraps: Hydra's ``instantiate`` re-raises a constructor's error as an
+    ``InstantiationException`` whose ``__cause__`` is the original."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException):
+        err = err.__cause__
+    return err if isinstance(err, user_error_types()) else None
+
+
 def exit_on_user_error(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except user_error_types() as err:
-            if "TRANSFERRABLE_TRACEBACK" in __import__("os").environ:
+        except Exception as exc:
+            err = find_user_error(exc)
+            if err is None or "TRANSFERRABLE_TRACEBACK" in __import__("os").environ:
                 raise
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)

@@ -22,15 +22,39 @@ SOURCE_PREFIX = "source:"
 _NOT_IN_KEY = ("weights", "freeze", "norm_eval")
 
 
-def source_key(backbone_cfg: DictConfig, dataset: str) -> str:
+def source_key(backbone_cfg: DictConfig, dataset: str, source_overrides: DictConfig | dict | None = None) -> str:
+    """Architecture + source dataset + how it was pretrained (``source_overrides``, e.g. fewer epochs)."""
     arch = {k: v for k, v in OmegaConf.to_container(backbone_cfg, resolve=True).items() if k not in _NOT_IN_KEY}
-    digest = hashlib.sha256(json.dumps([arch, dataset], sort_keys=True).encode()).hexdigest()[:10]
+    how = OmegaConf.to_container(source_overrides, resolve=True) if isinstance(source_overrides, DictConfig) else source_overrides
+    parts = [arch, dataset] + ([how] if how else [])  # no overrides: the key of the default recipe
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = str(arch.get("_target_", "backbone")).rsplit(".", 1)[-1].lower()
     return f"{name}-{dataset}-{arch.get('input_size', 'any')}px-{digest}"
 
 
 def source_checkpoint_path(cfg: DictConfig, dataset: str) -> Path:
-    return Path(cfg.paths.cache_dir) / "source" / f"{source_key(cfg.backbone, dataset)}.pt"
+    key = source_key(cfg.backbone, dataset, cfg.get("source_overrides"))
+    return Path(cfg.paths.cache_dir) / "source" / f"{key}.pt"
+
+
+def _override_value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list | tuple):
+        return "[" + ",".join(_override_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _as_overrides(node: dict, prefix: str = "") -> list[str]:
+    """``source_overrides`` as Hydra override strings. Nested keys (``+source_overrides.trainer.max_epochs=2``
+    on the command line) are joined with dots, and null/booleans/lists are written in Hydra's syntax."""
+    out = []
+    for k, v in node.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out += _as_overrides(v, key) if isinstance(v, dict) else [f"{key}={_override_value(v)}"]
+    return out
 
 
 def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
@@ -39,7 +63,7 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = [f"dataset={dataset}", "task=classify", "logger=csv", "callbacks=default"]
-    overrides += [f"{k}={v}" for k, v in (cfg.get("source_overrides") or {}).items()]
+    overrides += _as_overrides(OmegaConf.to_container(cfg.get("source_overrides") or {}, resolve=True))
     if GlobalHydra.instance().is_initialized():
         pre = compose(config_name="train", overrides=overrides)
     else:

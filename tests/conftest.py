@@ -1,0 +1,144 @@
+"""Shared fixtures: a tiny, learnable Fashion-MNIST-shaped IDX dataset and in-process Hydra configs.
+
+Configs are composed in-process (as in lightning-hydra-template): ``compose(..., return_hydra_config=True)``,
+then ``paths.*`` are pointed at ``tmp_path`` and ``HydraConfig`` is set so ``${hydra:...}`` resolves.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+os.environ["PROJECT_ROOT"] = str(ROOT)
+os.environ.pop("TRANSFERRABLE_CACHE", None)  # tests must never touch the real source-representation cache
+# Set before torch loads OpenMP: on a busy 2-core machine, spinning OpenMP threads make every op ~50x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("TRANSFERRABLE_TEST_THREADS", "2")))
+
+NUM_CLASSES = 10
+
+
+# -- tiny IDX dataset ---------------------------------------------------------------------------
+def write_idx_gz(path: str | Path, array: np.ndarray) -> Path:
+    """Write a uint8 array in the (gzipped) IDX format of (Fashion-)MNIST."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+    return path
+
+
+def class_templates(num_classes: int = NUM_CLASSES, seed: int = 1234) -> np.ndarray:
+    """One smooth, left-right symmetric 28x28 pattern per class (so flips keep the class)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0.0, 1.0, size=(num_classes, 7, 7))
+    coarse = (coarse + coarse[:, :, ::-1]) / 2
+    return np.kron(coarse, np.ones((4, 4)))  # num_classes x 28 x 28 in [0, 1]
+
+
+def make_images(labels: np.ndarray, rng: np.random.Generator, noise: float = 45.0) -> np.ndarray:
+    templates = class_templates()
+    imgs = 30.0 + 190.0 * templates[labels] + rng.normal(0.0, noise, size=(len(labels), 28, 28))
+    return np.clip(imgs, 0, 255).astype(np.uint8)
+
+
+def make_fashion_mnist_fixture(directory: str | Path, n_train: int = 400, n_test: int = 200, seed: int = 0) -> Path:
+    """Write ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` with class-dependent random images."""
+    directory = Path(directory)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % NUM_CLASSES
+        rng.shuffle(labels)
+        write_idx_gz(directory / f"{prefix}-images-idx3-ubyte.gz", make_images(labels, rng))
+        write_idx_gz(directory / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> Path:
+    return make_fashion_mnist_fixture(tmp_path_factory.mktemp("fashion_mnist"))
+
+
+# -- Hydra configs ------------------------------------------------------------------------------
+def tiny_overrides(data_dir: str | Path) -> list[str]:
+    """Overrides that make a train.yaml run tiny, quiet and CPU/fp32 on the IDX fixture."""
+    return [
+        "logger=none",
+        "hardware=cpu",
+        "trainer.precision=32-true",
+        f"dataset.data_dir={data_dir}",
+        "dataset.batch_size=32",
+        "dataset.eval_batch_size=100",
+        "dataset.augment=none",
+        "trainer.max_epochs=1",
+        "++trainer.limit_train_batches=2",
+        "++trainer.limit_val_batches=1",
+        "++trainer.limit_test_batches=1",
+        "trainer.enable_model_summary=false",
+        "++trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "~callbacks.model_summary",
+        "~callbacks.lr_monitor",
+        "seed=0",
+    ]
+
+
+def compose_train(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, return_hydra_config=True, overrides=list(overrides or []))
+
+
+def point_paths_at(cfg: DictConfig, tmp_path: Path, cache_dir: Path | None = None) -> DictConfig:
+    """Send every output of a composed config into ``tmp_path`` and make ``${hydra:...}`` resolvable."""
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.cache_dir = str(cache_dir or tmp_path / "cache")
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.job.num = 0  # set by Hydra at run time; build_model resolves the whole config (sweep.subdir)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(fmnist_dir, tmp_path):
+    """``make_cfg(*overrides, out=subdir)``: a tiny train.yaml config writing into ``tmp_path/out``."""
+
+    def _make(*overrides: str, out: str = "run", cache_dir: Path | None = None) -> DictConfig:
+        cfg = compose_train([*tiny_overrides(fmnist_dir), *overrides])
+        return point_paths_at(cfg, tmp_path / out, cache_dir or tmp_path / "cache")
+
+    return _make
+
+
+@pytest.fixture
+def cfg_train(make_cfg) -> DictConfig:
+    return make_cfg()
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()
