@@ -79,18 +79,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = _plain_metrics(trainer.callback_metrics)
-    if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        ckpt = best if (cfg.get("train", True) and best) else None
-        if not cfg.get("train", True):
-            ckpt = cfg.get("ckpt_path")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-        metrics.update(_plain_metrics(trainer.callback_metrics))
-        if ckpt:
-            metrics["test_checkpoint"] = ckpt  # type: ignore[assignment]
+    if hasattr(model, "run_task"):
+        # Tasks that are not one fit + test (e.g. DeCAF: frozen features, then linear classifiers over
+        # several splits) drive the trainer themselves and return their metrics.
+        metrics = dict(model.run_task(trainer, datamodule, output_dir=Path(cfg.paths.output_dir)))
+    else:
+        metrics = _fit_and_test(cfg, trainer, model, datamodule)
 
     for key, value in list(metrics.items()):
         if isinstance(value, float) and not math.isfinite(value):
@@ -103,6 +97,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             import wandb
 
             wandb.finish()
+    return metrics
+
+
+def _fit_and_test(cfg: DictConfig, trainer, model, datamodule) -> dict:
+    """The default task flow: fit, then test the best checkpoint (or ``ckpt_path`` with train=false)."""
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = _plain_metrics(trainer.callback_metrics)
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        ckpt = best if (cfg.get("train", True) and best) else None
+        if not cfg.get("train", True):
+            ckpt = cfg.get("ckpt_path")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        metrics.update(_plain_metrics(trainer.callback_metrics))
+        if ckpt:
+            metrics["test_checkpoint"] = ckpt  # type: ignore[assignment]
     return metrics
 
 
