@@ -86,7 +86,8 @@ class ClassifyModule(L.LightningModule):
             return optimizer
         kwargs = {}
         if "total_steps" in inspect.signature(self.scheduler_factory).parameters:  # e.g. OneCycleLR
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            # OneCycleLR divides by (pct_start * total_steps - 1): tiny debug runs need a floor
+            kwargs["total_steps"] = max(int(self.trainer.estimated_stepping_batches), 10)
         scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
 
