@@ -9,12 +9,20 @@ import sys
 log = logging.getLogger(__name__)
 
 
+class ConfigError(ValueError):
+    """A one-line, user-facing problem with a task's settings (an unknown classifier name, ...)."""
+
+
+class TrainingFault(RuntimeError):
+    """Training cannot go on (e.g. a NaN/Inf loss); the message says what was kept and how to resume."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     from datamodules.base import DatasetError
     from models.backbones import UnknownTapError
     from models.weights import WeightsError
 
-    return (DatasetError, UnknownTapError, WeightsError, FileNotFoundError)
+    return (DatasetError, UnknownTapError, WeightsError, ConfigError, TrainingFault, FileNotFoundError)
 
 
 def find_user_error(err: BaseException | None) -> BaseException | None:

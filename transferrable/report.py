@@ -2,6 +2,10 @@
 
 Each run writes ``metrics.json`` in its output directory and Hydra writes ``.hydra/overrides.yaml``
 beside it; rows are labelled by the overrides that differ between runs, columns are metrics.
+
+A run may also write ``tables.json``: tables shaped like the thesis's (e.g. DeCAF's Figure 2.3 left,
+classifier x feature), each ``{"title", "corner", "columns", "rows": [{"label", "cells": [[mean, std] |
+null, ...]}], ["bold": [row, col]]}`` with cells in percent. The report prints them after the run table.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import yaml
 
 from transferrable.atomic import atomic_write_text
 from transferrable.runner import METRICS_FILE
+
+TABLES_FILE = "tables.json"
 
 
 def collect_runs(sweep_dir: str | Path) -> list[dict]:
@@ -61,8 +67,41 @@ def markdown_table(runs: list[dict], metrics: Sequence[str] | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+def render_table(table: dict) -> str:
+    """One ``tables.json`` table as Markdown: ``mean ± std`` cells, the ``bold`` cell in bold."""
+    bold = tuple(table.get("bold") or ())
+    lines = [f"**{table['title']}**", "", "| " + " | ".join([table.get("corner", ""), *table["columns"]]) + " |",
+             "|" + "---|" * (len(table["columns"]) + 1)]
+    for i, row in enumerate(table["rows"]):
+        cells = []
+        for j, c in enumerate(row["cells"]):
+            text = "-" if c is None else f"{c[0]:.2f} ± {c[1]:.2f}"
+            cells.append(f"**{text}**" if (i, j) == bold else text)
+        lines.append("| " + " | ".join([row["label"], *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_tables(runs: list[dict]) -> str:
+    """The thesis-shaped tables of every run that wrote ``tables.json``, headed by the run's overrides."""
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
+    out = []
+    for r in runs:
+        path = Path(r["dir"]) / TABLES_FILE
+        if not path.is_file():
+            continue
+        label = ", ".join(f"{k}={r['overrides'].get(k, '-')}" for k in varying)
+        if label:
+            out.append(f"### {label}\n")
+        out += [render_table(t) for t in json.loads(path.read_text())]
+    return "\n".join(out)
+
+
 def write_report(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> str:
     runs = collect_runs(sweep_dir)
     table = markdown_table(runs, metrics)
+    extra = run_tables(runs)
+    if extra:
+        table += "\n" + extra
     atomic_write_text(Path(sweep_dir) / "report.md", table)
     return table

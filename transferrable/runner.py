@@ -132,9 +132,14 @@ def _print_summary(cfg: DictConfig, trainer, metrics: dict, output_dir: Path) ->
             lines.append(f"W&B run       : {Path(where).parent if where else lg.save_dir} [{mode}]")
         else:
             lines.append(f"{kind:<13} : {lg.log_dir}")
-    shown = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    shown = {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, int | float)}
+    more = 0
+    if len(shown) > 12:  # e.g. DeCAF's per feature/classifier/N metrics: the headline ones only
+        top = {k: v for k, v in shown.items() if k.count("/") == 1}
+        more, shown = len(shown) - len(top), top
     if shown:
-        lines.append("test metrics  : " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())))
+        lines.append("test metrics  : " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items()))
+                     + (f" (+{more} more in {METRICS_FILE})" if more else ""))
     print("\n".join(lines), flush=True)
 
 

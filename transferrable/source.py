@@ -63,7 +63,8 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
     from hydra.core.global_hydra import GlobalHydra
 
     overrides = [f"dataset={dataset}", "task=classify", "logger=csv", "callbacks=default"]
-    overrides += _as_overrides(OmegaConf.to_container(cfg.get("source_overrides") or {}, resolve=True))
+    how = cfg.get("source_overrides")  # an empty DictConfig is falsy, and to_container refuses a plain dict
+    overrides += _as_overrides(OmegaConf.to_container(how, resolve=True) if isinstance(how, DictConfig) else dict(how or {}))
     if GlobalHydra.instance().is_initialized():
         pre = compose(config_name="train", overrides=overrides)
     else:
@@ -113,6 +114,11 @@ def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
 def resolve_source_weights(cfg: DictConfig) -> None:
     """Replace ``backbone.weights=source:<dataset>`` by the cached checkpoint, pretraining it if absent."""
     spec = cfg.backbone.get("weights")
+    if isinstance(spec, str) and spec.startswith("bigan:"):  # an unsupervised (conv BiGAN) source instead
+        from transferrable.bigan_source import resolve_bigan_weights
+
+        resolve_bigan_weights(cfg)
+        return
     if not (isinstance(spec, str) and spec.startswith(SOURCE_PREFIX)):
         return
     dataset = spec[len(SOURCE_PREFIX):]
