@@ -1,0 +1,640 @@
+"""task=rcnn: R-CNN object detection (thesis 3.1): proposals -> warped regions -> CNN -> per-class SVMs.
+
+``run_task`` drives the stages (each a plain module in ``models/rcnn``):
+
+1. proposals for every train/test image (``models.rcnn.proposals``: selective search or sliding windows,
+   cached per image on disk);
+2. fine-tuning (``finetune``): the backbone plus a fresh (N+1)-way head on fc7 is trained with SGD on warped
+   windows, positives = proposals/GT with IoU >= 0.5 to a ground-truth box (its class), the rest background;
+   every minibatch holds ``positives`` (32) positive and ``background`` (96) windows drawn from all training
+   images; lr 1/10 of the pretraining lr (``task=classify``: 0.1 -> 0.01), x0.1 every ``step_epochs``.
+   ``trainer.max_epochs`` epochs of ``iterations`` minibatches. With ``backbone.freeze=all`` only the head
+   trains (needed by softmax scoring; skipped for SVM-only runs) -- the "no fine-tuning" rows;
+3. pool5 of every region (train: GT boxes + proposals; test: proposals) written once to a memory-mapped
+   file under ``${paths.cache_dir}/rcnn_features`` keyed by the weights' hash, the feature mode, geometry,
+   proposals and image ids; fc6/fc7 are computed from it (as the original did). ``feature_mode=warp``
+   warps each region (context pad 16 at 227 px, scaled to ``input_size``); ``feature_mode=roi_pool``
+   runs conv1..conv5 once per image (resized by ``roi_scale``) and max-pools every proposal's cell grid
+   from the shared map with ``torchvision.ops.roi_pool`` (the SPP / Fast R-CNN idea, thesis 3.1.7.6);
+4. per-class linear SVMs with hard negative mining for each layer in ``layers`` (``models.rcnn.svm``),
+   and/or softmax scoring by the fine-tuned head (``scoring``);
+5. class-specific ridge box regression on pool5 (``models.rcnn.bbox_regression``) -> an extra "+BB" row;
+6. test: per-class NMS at 0.3 (``torchvision.ops.batched_nms``), at most 100 detections per image; VOC AP
+   in both conventions (``transferrable.voc_eval``), a per-class table shaped like Table 3.2
+   (``tables.json``), ``rcnn_results.json``, detections drawn on test images (``detections.png``).
+
+Metrics: ``test/mAP`` (VOC2010+ area) and ``test/mAP_07`` (11-point) of the headline variant (the last
+layer of the first scoring, with box regression when enabled), ``test/<variant>/mAP[_07]`` for each row,
+and ``rcnn/time/*`` seconds per test image (proposals / warping / cnn / scoring+nms).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from models.backbones import TapBackbone
+from models.rcnn.bbox_regression import BoxRegressor
+from models.rcnn.proposals import ProposalCache
+from models.rcnn.regions import assign_labels, class_max_iou, image_tensor, scaled_pad, warp_regions
+from models.rcnn.svm import HardNegativeMiner, norm_scale
+
+log = logging.getLogger(__name__)
+
+FEATURE_LAYERS = ("pool5", "fc6", "fc7")
+SCORINGS = ("svm", "softmax")
+FEATURE_MODES = ("warp", "roi_pool")
+CACHE_VERSION = 1
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    return [v] if isinstance(v, str) else list(v)
+
+
+def state_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        t = v.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class ImageSet:
+    """One split in memory: images, ground truth, proposals and the region list used for features."""
+
+    def __init__(self, name: str, items: list[dict], proposals: list[np.ndarray], with_gt: bool):
+        self.name = name
+        self.ids = [it["image_id"] for it in items]
+        self.images = [it["image"] for it in items]
+        self.gt = [{"boxes": it["boxes"], "labels": it["labels"], "difficult": it["difficult"]} for it in items]
+        self.proposals = proposals
+        # regions: GT first (training only), then proposals
+        self.boxes, self.is_gt = [], []
+        for it, p in zip(items, proposals, strict=True):
+            g = it["boxes"] if with_gt else np.zeros((0, 4), np.float32)
+            self.boxes.append(np.concatenate([g, p]).astype(np.float32))
+            self.is_gt.append(np.concatenate([np.ones(len(g), bool), np.zeros(len(p), bool)]))
+        counts = [len(b) for b in self.boxes]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.offsets[-1])
+
+    def rows(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+class WindowBatches(Dataset):
+    """Fine-tuning minibatches: item k is ``positives`` + ``background`` warped windows drawn (with a
+    per-item seed) from every training image, labels 0 = background, 1..N = classes."""
+
+    def __init__(self, data: ImageSet, labels: list[np.ndarray], iterations: int, positives: int,
+                 background: int, size: int, pad: float, mean, std, seed: int):
+        self.data, self.size, self.pad, self.mean, self.std = data, size, pad, mean, std
+        self.iterations, self.n_pos, self.n_bg, self.seed = int(iterations), int(positives), int(background), seed
+        img = np.concatenate([np.full(len(lab), i) for i, lab in enumerate(labels)])
+        idx = np.concatenate([np.arange(len(lab)) for lab in labels])
+        lab = np.concatenate(labels)
+        self.pos = np.stack([img[lab > 0], idx[lab > 0]], 1)
+        self.bg = np.stack([img[lab == 0], idx[lab == 0]], 1)
+        self.labels = labels
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.iterations
+
+    def _tensor(self, i: int) -> torch.Tensor:
+        if i not in self.tensors:
+            self.tensors[i] = image_tensor(self.data.images[i], self.mean, self.std)
+        return self.tensors[i]
+
+    def __getitem__(self, k: int):
+        rng = np.random.default_rng([self.seed, k])
+        picks = []
+        for pool, n in ((self.pos, self.n_pos), (self.bg, self.n_bg)):
+            if len(pool) and n > 0:
+                picks.append(pool[rng.choice(len(pool), n, replace=len(pool) < n)])
+        sel = np.concatenate(picks) if picks else np.zeros((0, 2), np.int64)
+        xs, ys = [], []
+        for i in np.unique(sel[:, 0]):
+            j = sel[sel[:, 0] == i, 1]
+            xs.append(warp_regions(self._tensor(int(i)), self.data.boxes[i][j], self.size, self.pad))
+            ys.append(torch.from_numpy(self.labels[i][j]))
+        return torch.cat(xs), torch.cat(ys)
+
+
+class RCNNModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: TapBackbone,
+        num_classes: int,
+        proposals: dict | None = None,
+        context_pad: float = 16.0,
+        feature_mode: str = "warp",
+        roi_scale: float = 1.0,
+        layers: list[str] | str = ("fc7",),
+        scoring: list[str] | str = "svm",
+        finetune: dict | None = None,
+        svm: dict | None = None,
+        bbox_reg: dict | None = None,
+        nms_threshold: float = 0.3,
+        max_per_image: int = 100,
+        svm_splits: list[str] | str = ("train",),
+        max_train_images: int | None = None,
+        max_test_images: int | None = None,
+        feature_batch: int = 256,
+        feature_dtype: str = "float16",
+        bf16: bool = True,
+        channels_last: bool = True,
+        cache: bool = True,
+        cache_dir: str | None = None,
+        draw_images: int = 8,
+        draw_top: int = 5,
+        seed: int = 0,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        backbone.check_taps(["pool5", "fc6", "fc7"])
+        self.head = nn.Linear(backbone.feature_dim("fc7"), self.num_classes + 1)
+        self.layers = _as_list(layers)
+        self.scorings = _as_list(scoring)
+        for v, ok, what in ((self.layers, FEATURE_LAYERS, "rcnn.layers"), (self.scorings, SCORINGS, "rcnn.scoring"),
+                            ([feature_mode], FEATURE_MODES, "rcnn.feature_mode")):
+            bad = [x for x in v if x not in ok]
+            if bad or not v:
+                raise ValueError(f"{what}={v}: expected values from {list(ok)}")
+        self.proposal_cfg = dict(proposals or {})
+        self.ft = {"iterations": 50, "positives": 32, "background": 96, "fg_threshold": 0.5, "lr": 0.01,
+                   "momentum": 0.9, "weight_decay": 5e-4, "step_epochs": 10, "gamma": 0.1, **(finetune or {})}
+        self.svm_cfg = {"C": 1e-3, "bias_multiplier": 10.0, "pos_weight": 2.0, "hard_threshold": -1.0001,
+                        "easy_threshold": -1.2, "retrain_limit": 2000, "max_cache": 20000, "neg_threshold": 0.3,
+                        "feature_norm": 20.0, "max_iter": 5000, **(svm or {})}
+        self.bb_cfg = {"enabled": True, "lam": 1000.0, "min_iou": 0.6, **(bbox_reg or {})}
+        self.size = int(backbone.input_size)
+        self.pad = scaled_pad(self.size, context_pad)
+        self.timing: dict[str, float] = defaultdict(float)
+        self.stats: dict[str, Any] = {}
+
+    # -- fine-tuning (Lightning) ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone.forward_taps(x, "fc7")["fc7"])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.log("finetune/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("finetune/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=self.ft["lr"], momentum=self.ft["momentum"], weight_decay=self.ft["weight_decay"])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(self.ft["step_epochs"]), gamma=self.ft["gamma"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def backbone_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.backbone.parameters())
+
+    def finetune(self, trainer: L.Trainer, data: ImageSet, mean, std) -> dict:
+        labels = [assign_labels(b, g["boxes"], g["labels"], self.ft["fg_threshold"])[0]
+                  for b, g in zip(data.boxes, data.gt, strict=True)]
+        windows = WindowBatches(data, labels, self.ft["iterations"], self.ft["positives"], self.ft["background"],
+                                self.size, self.pad, mean, std, self.hparams.seed)
+        info = {"positive_windows": len(windows.pos), "background_windows": len(windows.bg)}
+        if self.ft["iterations"] <= 0 or trainer.max_epochs == 0:
+            return {**info, "skipped": True}
+        t0 = time.perf_counter()
+        trainer.fit(self, train_dataloaders=DataLoader(windows, batch_size=None, shuffle=True))
+        info["seconds"] = time.perf_counter() - t0
+        info["loss"] = float(trainer.callback_metrics.get("finetune/loss_epoch", float("nan")))
+        return info
+
+    # -- features ---------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.hparams.bf16 and self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    @torch.inference_mode()
+    def image_pool5(self, image: np.ndarray, boxes: np.ndarray, mean, std) -> np.ndarray:
+        """pool5 (R x D) of the regions of one image, in the configured feature mode."""
+        from torchvision.ops import roi_pool
+
+        dev, bs = self.device, int(self.hparams.feature_batch)
+        out = []
+        if self.hparams.feature_mode == "warp":
+            t = time.perf_counter()
+            x = image_tensor(image, mean, std)
+            self.timing["warp"] += time.perf_counter() - t
+            for s in range(0, len(boxes), bs):
+                t = time.perf_counter()
+                w = warp_regions(x, boxes[s:s + bs], self.size, self.pad).to(dev)
+                if self.hparams.channels_last:
+                    w = w.contiguous(memory_format=torch.channels_last)
+                t1 = time.perf_counter()
+                with self._autocast():
+                    out.append(self.backbone.forward_taps(w, "pool5")["pool5"].float().cpu())
+                t2 = time.perf_counter()
+                self.timing["warp"] += t1 - t
+                self.timing["cnn"] += t2 - t1
+            return torch.cat(out).numpy() if out else np.zeros((0, self.pool5_dim), np.float32)
+        t = time.perf_counter()
+        x = image_tensor(image, mean, std)
+        scale = float(self.hparams.roi_scale)
+        if scale != 1.0:
+            x = nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        x = x.to(dev)
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            fmap = self.backbone.forward_taps(x, "conv5")["conv5"].float()
+        stride = x.shape[-1] / fmap.shape[-1]
+        rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(boxes) * scale], 1).to(dev)
+        g = self.pool5_grid
+        pooled = roi_pool(fmap, rois, output_size=(g, g), spatial_scale=1.0 / stride)
+        self.timing["cnn"] += time.perf_counter() - t
+        return pooled.flatten(1).cpu().numpy()
+
+    @property
+    def pool5_grid(self) -> int:
+        shape = self.backbone.tap_shapes(["conv5"])["conv5"]
+        return int(round(math.sqrt(self.pool5_dim / shape[0])))
+
+    def feature_key(self, data: ImageSet) -> dict:
+        return {"version": CACHE_VERSION, "weights": self._digest, "mode": self.hparams.feature_mode,
+                "roi_scale": self.hparams.roi_scale if self.hparams.feature_mode == "roi_pool" else None,
+                "size": self.size, "pad": self.pad, "proposals": self._proposal_tag, "split": data.name,
+                "ids": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(), "regions": data.num_regions,
+                "dtype": self.hparams.feature_dtype, "bf16": bool(self.hparams.bf16)}
+
+    def pool5_features(self, data: ImageSet, mean, std, cache_dir: Path | None) -> np.ndarray:
+        """pool5 of every region of ``data`` as a (read-only) np.memmap, computed once per key."""
+        from transferrable.atomic import atomic_write_json
+
+        key = self.feature_key(data)
+        h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        dtype = np.dtype(self.hparams.feature_dtype)
+        shape = (data.num_regions, self.pool5_dim)
+        if cache_dir is not None:
+            path, manifest = cache_dir / f"pool5-{data.name}-{h}.dat", cache_dir / f"pool5-{data.name}-{h}.json"
+            if manifest.is_file() and path.is_file():
+                try:
+                    m = json.loads(manifest.read_text())
+                    if m.get("key") == key and tuple(m["shape"]) == shape and path.stat().st_size == m["bytes"]:
+                        self.stats[f"feature_cache_{data.name}"] = "hit"
+                        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+                except (ValueError, KeyError, OSError):
+                    pass
+                log.warning("pool5 cache %s unusable: recomputing", manifest)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{time.time_ns()}.tmp")
+            arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=shape)
+        else:
+            path = tmp = None
+            arr = np.zeros(shape, dtype)
+        self.stats[f"feature_cache_{data.name}"] = "miss"
+        self.eval()
+        for i in range(len(data)):
+            arr[data.rows(i)] = self.image_pool5(data.images[i], data.boxes[i], mean, std)
+        if path is None:
+            return arr
+        arr.flush()
+        del arr
+        tmp.replace(path)
+        atomic_write_json(manifest, {"key": key, "shape": list(shape), "dtype": dtype.name, "bytes": path.stat().st_size})
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+    @torch.inference_mode()
+    def from_pool5(self, pool5: np.ndarray, layer: str) -> np.ndarray:
+        """fc6 / fc7 (eval mode: no dropout) computed from cached pool5 rows."""
+        x = torch.from_numpy(np.asarray(pool5, np.float32))
+        if layer == "pool5":
+            return x.numpy()
+        self.backbone.eval()
+        outs = []
+        for s in range(0, len(x), 4096):
+            y = self.backbone.stages["fc6"](x[s:s + 4096].to(self.device))
+            if layer == "fc7":
+                y = self.backbone.stages["fc7"](y)
+            outs.append(y.float().cpu())
+        return torch.cat(outs).numpy() if outs else np.zeros((0, self.backbone.feature_dim(layer)), np.float32)
+
+    @torch.inference_mode()
+    def softmax_scores(self, pool5: np.ndarray) -> np.ndarray:
+        fc7 = torch.from_numpy(self.from_pool5(pool5, "fc7")).to(self.device)
+        return self.head(fc7).softmax(1)[:, 1:].cpu().numpy()
+
+    # -- SVMs and box regression ----------------------------------------------------------------------
+    def train_svms(self, data: ImageSet, feats: np.ndarray, scale: float) -> HardNegativeMiner:
+        c = self.svm_cfg
+        miner = HardNegativeMiner(self.num_classes, feats.shape[1], C=c["C"], bias_multiplier=c["bias_multiplier"],
+                                  pos_weight=c["pos_weight"], hard_threshold=c["hard_threshold"],
+                                  easy_threshold=c["easy_threshold"], retrain_limit=c["retrain_limit"],
+                                  max_cache=c["max_cache"], max_iter=c["max_iter"])
+        pos = defaultdict(list)
+        for i in range(len(data)):
+            g = data.gt[i]
+            rows = np.arange(data.rows(i).start, data.rows(i).stop)[data.is_gt[i]]
+            for r, lab, d in zip(rows, g["labels"], g["difficult"], strict=True):
+                if not d:
+                    pos[int(lab)].append(feats[r])
+        for k, v in pos.items():
+            miner.set_positives(k, np.stack(v) * scale)
+        for i in range(len(data)):
+            g = data.gt[i]
+            X = feats[data.rows(i)] * scale
+            neg = class_max_iou(data.boxes[i], g["boxes"], g["labels"], self.num_classes) < c["neg_threshold"]
+            miner.add_image(X, neg)
+        miner.finish()
+        return miner
+
+    def train_box_regressor(self, data: ImageSet, pool5: np.ndarray, scale: float) -> BoxRegressor:
+        X, P, G, C, ious = [], [], [], [], []
+        for i in range(len(data)):
+            g = data.gt[i]
+            if len(g["boxes"]) == 0:
+                continue
+            _, iou, arg = assign_labels(data.boxes[i], g["boxes"], g["labels"], 0.0)
+            keep = iou > self.bb_cfg["min_iou"]
+            rows = np.arange(data.rows(i).start, data.rows(i).stop)[keep]
+            X.append(np.asarray(pool5[rows], np.float32) * scale)
+            P.append(data.boxes[i][keep])
+            G.append(g["boxes"][arg[keep]])
+            C.append(g["labels"][arg[keep]])
+            ious.append(iou[keep])
+        reg = BoxRegressor(self.num_classes, self.bb_cfg["lam"], self.bb_cfg["min_iou"])
+        if X:
+            reg.fit(np.concatenate(X), np.concatenate(P), np.concatenate(G), np.concatenate(C), np.concatenate(ious))
+        return reg
+
+    # -- detection --------------------------------------------------------------------------------------
+    def detect(self, boxes: np.ndarray, scores: np.ndarray, reg_boxes: list[np.ndarray] | None,
+               image_size: tuple[int, int]) -> dict:
+        return detect_boxes(boxes, scores, reg_boxes, image_size, self.hparams.nms_threshold, self.hparams.max_per_image)
+
+    # -- the whole task ------------------------------------------------------------------------------
+    def run_task(self, trainer: L.Trainer, datamodule, output_dir: str | Path) -> dict:
+        from transferrable.atomic import atomic_write_json
+        from transferrable.voc_eval import evaluate_detections
+
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        hp = self.hparams
+        datamodule.setup("fit")
+        class_names = list(getattr(datamodule, "class_names", None) or [str(i) for i in range(self.num_classes)])
+        mean, std = datamodule.mean, datamodule.std
+        cache_root = Path(hp.cache_dir) if (hp.cache and hp.cache_dir) else None
+        root_tag = hashlib.sha256(str(getattr(datamodule, "root", "")).encode()).hexdigest()[:10]
+        pc = ProposalCache(None if cache_root is None else cache_root / "proposals" / root_tag, **self.proposal_cfg)
+        self._proposal_tag = pc.tag
+        self.pool5_dim = self.backbone.feature_dim("pool5")
+
+        def load(split_keys, limit, with_gt, name, timed=False):
+            items = []
+            for key in split_keys:
+                ds = datamodule.datasets.get(key)
+                if ds is None:
+                    raise ValueError(f"rcnn: the data module has no '{key}' split")
+                items += [ds[i] for i in range(len(ds))]
+            if limit:
+                items = items[: int(limit)]
+            props = []
+            for it in items:
+                t = time.perf_counter()
+                props.append(pc.get(it["image_id"], it["image"]))
+                if timed:
+                    self.timing["proposals"] += time.perf_counter() - t
+            return ImageSet(name, items, props, with_gt)
+
+        t_all = time.perf_counter()
+        log.info("rcnn: proposals (%s) for train/test images", pc.tag)
+        train = load(["train"], hp.max_train_images, True, "train")
+        svm_keys = _as_list(hp.svm_splits)
+        svm_data = train if svm_keys == ["train"] else load(svm_keys, hp.max_train_images, True, "+".join(svm_keys))
+        self.timing.clear()
+        test = load(["test"], hp.max_test_images, False, "test", timed=True)
+        metrics: dict[str, Any] = {}
+        info: dict[str, Any] = {"proposal_cache": dict(pc.stats), "dataset_summary": getattr(datamodule, "summary", {}),
+                                "proposals_per_image": {"train": float(np.mean([len(p) for p in train.proposals])),
+                                                        "test": float(np.mean([len(p) for p in test.proposals]))}}
+        recall = []
+        for p, g in zip(test.proposals, test.gt, strict=True):
+            m = ~g["difficult"]
+            if m.any():
+                from transferrable.voc_eval import box_iou
+                recall += list(box_iou(g["boxes"][m], p).max(1) >= 0.5) if len(p) else [False] * int(m.sum())
+        metrics["rcnn/proposal_recall"] = float(np.mean(recall)) if recall else float("nan")
+
+        # 2. fine-tuning
+        finetuned = self.backbone_trainable()
+        log.info("rcnn: %d train images (%.0f proposals each), %d test; proposal recall@0.5 %.3f; fine-tuning: %s",
+                 len(train), info["proposals_per_image"]["train"], len(test), metrics["rcnn/proposal_recall"],
+                 finetuned or "softmax" in self.scorings)
+        if finetuned or "softmax" in self.scorings:
+            info["finetune"] = self.finetune(trainer, train, mean, std)
+        self.eval()
+        self._digest = state_digest(self)
+        # 3. pool5 for all regions
+        feat_dir = None if cache_root is None else cache_root / "rcnn_features"
+        t = time.perf_counter()
+        log.info("rcnn: pool5 of %d train and %d test regions (%s)", svm_data.num_regions, test.num_regions,
+                 self.hparams.feature_mode)
+        pool5_train = self.pool5_features(svm_data, mean, std, feat_dir)
+        info["train_feature_seconds"] = time.perf_counter() - t
+        test_timing_before = dict(self.timing)
+        pool5_test = self.pool5_features(test, mean, std, feat_dir)
+        if self.stats.get("feature_cache_test") == "hit":
+            self.timing = defaultdict(float, test_timing_before)
+        # 4. classifiers per variant
+        variants: dict[str, dict] = {}
+        scale5 = norm_scale(pool5_train[: min(len(pool5_train), 20000)], self.svm_cfg["feature_norm"])
+        regressor = None
+        if self.bb_cfg["enabled"]:
+            regressor = self.train_box_regressor(svm_data, pool5_train, scale5)
+            info["bbox_reg_pairs"] = regressor.pairs
+        t_score = 0.0
+        for scoring in self.scorings:
+            layers = self.layers if scoring == "svm" else ["fc7"]
+            for layer in layers:
+                name = f"{scoring}/{layer}"
+                t0 = time.perf_counter()
+                log.info("rcnn: %s", name)
+                if scoring == "svm":
+                    ftr = self.from_pool5(pool5_train, layer) if layer != "pool5" else np.asarray(pool5_train, np.float32)
+                    scale = norm_scale(ftr[: min(len(ftr), 20000)], self.svm_cfg["feature_norm"])
+                    miner = self.train_svms(svm_data, ftr, scale)
+                    info[f"svm/{layer}"] = {"seconds": time.perf_counter() - t0, "feature_scale": scale, **miner.summary()}
+                    del ftr
+                t1 = time.perf_counter()
+                if scoring == "svm":
+                    fte = self.from_pool5(pool5_test, layer) if layer != "pool5" else np.asarray(pool5_test, np.float32)
+                    S = miner.scores(fte * scale)
+                    S[:, ~miner.has_model] = -np.inf
+                else:
+                    S = self.softmax_scores(pool5_test)
+                t_feat = time.perf_counter() - t1
+                do_bb = [False] + ([True] if regressor is not None and layer == layers[-1] else [])
+                for bb in do_bb:
+                    t2 = time.perf_counter()
+                    dets = []
+                    for i in range(len(test)):
+                        rows = test.rows(i)
+                        boxes = test.boxes[i]
+                        reg = None
+                        if bb:
+                            X5 = np.asarray(pool5_test[rows], np.float32) * scale5
+                            reg = [regressor.predict(X5, boxes, c) for c in range(self.num_classes)]
+                        h, w = test.images[i].shape[:2]
+                        dets.append(self.detect(boxes, S[rows], reg, (w, h)))
+                    key = name + ("+bb" if bb else "")
+                    variants[key] = {"detections": dets, "seconds": time.perf_counter() - t2 + t_feat}
+                if scoring == self.scorings[0] and layer == layers[-1]:
+                    t_score = variants[key]["seconds"]
+        # 5. evaluation
+        results = {}
+        for key, v in variants.items():
+            ev = evaluate_detections(v["detections"], test.gt, self.num_classes)
+            results[key] = {"ap": ev["ap"], "ap07": ev["ap07"], "mAP": ev["mAP"], "mAP_07": ev["mAP_07"], "npos": ev["npos"]}
+            metrics[f"test/{key}/mAP"] = ev["mAP"]
+            metrics[f"test/{key}/mAP_07"] = ev["mAP_07"]
+        firsts = [k for k in variants if k.startswith(self.scorings[0] + "/")]
+        main = firsts[-1]
+        metrics["test/mAP"] = results[main]["mAP"]
+        metrics["test/mAP_07"] = results[main]["mAP_07"]
+        metrics["rcnn/main"] = main
+        metrics["rcnn/finetuned"] = bool(finetuned)
+        n = max(len(test), 1)
+        for k in ("proposals", "warp", "cnn"):
+            metrics[f"rcnn/time/{k}"] = self.timing.get(k, 0.0) / n
+        metrics["rcnn/time/scoring_nms"] = t_score / n
+        metrics["rcnn/seconds_per_image"] = sum(metrics[f"rcnn/time/{k}"] for k in ("proposals", "warp", "cnn", "scoring_nms"))
+        metrics["rcnn/total_seconds"] = time.perf_counter() - t_all
+        for k in ("feature_cache_train", "feature_cache_test"):
+            if k in self.stats:
+                info[k] = self.stats[k]
+        info["proposal_cache"] = dict(pc.stats)
+        tag = "FT " if finetuned else ""
+        table = {
+            "title": f"Detection AP (%) on {getattr(datamodule, 'name', 'dataset')} test (VOC2010+ area; "
+                     f"mAP_07 = 11-point), backbone {self.backbone.arch}, feature_mode={hp.feature_mode}",
+            "corner": "variant", "columns": [*class_names, "mAP", "mAP_07"],
+            "rows": [{"label": f"R-CNN {tag}{k.replace('svm/', '').replace('+bb', ' BB')}",
+                      "cells": [None if not math.isfinite(a) else [100 * a, 0.0] for a in r["ap"]]
+                      + [[100 * r["mAP"], 0.0], [100 * r["mAP_07"], 0.0]]} for k, r in results.items()],
+        }
+        atomic_write_json(output_dir / "tables.json", [table])
+        atomic_write_json(output_dir / "rcnn_results.json", {
+            "classes": class_names, "main": main, "results": results, "metrics": metrics, "info": info,
+            "config": {"feature_mode": hp.feature_mode, "layers": self.layers, "scoring": self.scorings,
+                       "input_size": self.size, "context_pad": self.pad, "proposals": self.proposal_cfg,
+                       "finetune": self.ft, "svm": self.svm_cfg, "bbox_reg": self.bb_cfg}})
+        print(render_ap_table(table), flush=True)
+        images = {}
+        if hp.draw_images:
+            try:
+                images["rcnn/detections"] = draw_detections(test, variants[main]["detections"], class_names,
+                                                            output_dir / "detections.png", hp.draw_images, hp.draw_top)
+            except Exception as err:  # noqa: BLE001 - a drawing failure must not lose the results
+                log.warning("could not draw detections: %s", err)
+        _log(trainer, metrics, images)
+        return metrics
+
+
+def detect_boxes(boxes: np.ndarray, scores: np.ndarray, reg_boxes: list[np.ndarray] | None,
+                 image_size: tuple[int, int], nms_threshold: float = 0.3, max_per_image: int = 100) -> dict:
+        """Per-class NMS (``nms_threshold``) over one image's scored proposals, then the top
+        ``max_per_image`` overall. ``scores`` R x C; ``reg_boxes`` per class R x 4 (box regression) or None."""
+        from torchvision.ops import batched_nms
+
+        R, C = scores.shape
+        if R == 0:
+            return {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
+        w, h = image_size
+        all_boxes = np.stack(reg_boxes, 0) if reg_boxes is not None else np.broadcast_to(boxes, (C, R, 4))
+        all_boxes = all_boxes.reshape(-1, 4).copy()
+        all_boxes[:, [0, 2]] = all_boxes[:, [0, 2]].clip(0, w)
+        all_boxes[:, [1, 3]] = all_boxes[:, [1, 3]].clip(0, h)
+        labels = np.repeat(np.arange(C), R)
+        s = scores.T.reshape(-1)
+        ok = np.isfinite(s) & (all_boxes[:, 2] > all_boxes[:, 0]) & (all_boxes[:, 3] > all_boxes[:, 1])
+        b, s, lab = torch.from_numpy(all_boxes[ok]), torch.from_numpy(s[ok].astype(np.float32)), torch.from_numpy(labels[ok])
+        keep = batched_nms(b, s, lab, float(nms_threshold))[: int(max_per_image)]
+        return {"boxes": b[keep].numpy(), "scores": s[keep].numpy(), "labels": lab[keep].numpy()}
+
+
+def render_ap_table(table: dict) -> str:
+    lines = [table["title"], " | ".join([table["corner"], *table["columns"]])]
+    for r in table["rows"]:
+        lines.append(" | ".join([r["label"], *("-" if c is None else f"{c[0]:.1f}" for c in r["cells"])]))
+    return "\n".join(lines)
+
+
+def draw_detections(data: ImageSet, dets: list[dict], class_names: list[str], path: Path, n: int = 8,
+                    top: int = 5) -> Path:
+    """The first ``n`` test images with ground truth (green) and the ``top`` highest-scoring detections (red,
+    class and score), as one PNG grid."""
+    from PIL import Image, ImageDraw
+
+    from callbacks.image_grid import save_image_grid
+
+    n = min(n, len(data))
+    W = max(data.images[i].shape[1] for i in range(n))
+    H = max(data.images[i].shape[0] for i in range(n))
+    up = max(1, int(round(240 / W)))
+    tiles, titles = [], []
+    for i in range(n):
+        img = Image.fromarray(data.images[i]).convert("RGB")
+        sx, sy = W * up / img.width, H * up / img.height
+        img = img.resize((W * up, H * up), Image.NEAREST)
+        d = ImageDraw.Draw(img)
+
+        def box(b, sx=sx, sy=sy):
+            return [float(b[0]) * sx, float(b[1]) * sy, float(b[2]) * sx, float(b[3]) * sy]
+
+        for b in data.gt[i]["boxes"]:
+            d.rectangle(box(b), outline=(0, 200, 0), width=1)
+        det = dets[i]
+        for j in np.argsort(-det["scores"])[:top]:
+            b = box(det["boxes"][j])
+            d.rectangle(b, outline=(230, 0, 0), width=2)
+            d.text((b[0] + 2, b[1] + 1), f"{class_names[int(det['labels'][j])]} {det['scores'][j]:.2f}", fill=(255, 255, 0))
+        tiles.append(np.asarray(img))
+        titles.append(data.ids[i])
+    return save_image_grid(np.stack(tiles), path, nrow=4, titles=titles)
+
+
+def _log(trainer: L.Trainer, metrics: dict, images: dict) -> None:
+    numeric = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
+    for lg in trainer.loggers:
+        lg.log_metrics(numeric)
+        if type(lg).__name__ == "WandbLogger":
+            for key, p in images.items():
+                lg.log_image(key=key, images=[str(p)])
+        lg.save()
