@@ -32,8 +32,12 @@ curve, ``val/...`` (validation accuracy of the chosen C) and the headline ``test
 ``main`` combination (``best_val``: the one with the best validation accuracy, as the thesis bolds it);
 ``decaf_results.json`` (every split's accuracy and chosen C); ``tables.json`` + ``decaf_tables.md``
 (Figure 2.3-left shape: classifier x feature; the few-shot table: method x N), which
-``python eval.py report=<dir>`` prints too; ``fewshot.png`` for a curve. Metrics, the plot and the tables are
-also logged to every attached logger (W&B: image + table).
+``python eval.py report=<dir>`` prints too; ``fewshot.png`` for a curve; ``tsne.png`` (``decaf.tsne``, Figure
+2.1): t-SNE panels side by side -- default ``[conv1, fc6]``, i.e. the first pooling layer's output (the thesis's
+DeCAF1) vs DeCAF6 -- of at most ``max_points`` held-out images (the ``pool: given`` test split, else the first
+split's test images), coloured by class, with ``tsne/silhouette_<panel>`` in the metrics. A panel that is not a
+classifier feature (conv1 by default) is extracted, and cached, for the plotted images only. Metrics, the
+plots and the tables are also logged to every attached logger (W&B: images + tables).
 """
 
 from __future__ import annotations
@@ -77,6 +81,30 @@ def plain(value):
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+TSNE_DEFAULTS = {"enabled": False, "panels": ["conv1", "fc6"], "max_points": 1000, "seed": 0,
+                 "max_iter": 1000, "perplexity": 30.0}
+
+
+def parse_tsne(cfg) -> dict:
+    """``decaf.tsne`` with defaults filled in; ``None``/``False`` disables it, ``True`` enables the defaults."""
+    if cfg is None or cfg is False:
+        return dict(TSNE_DEFAULTS)
+    if cfg is True:
+        return {**TSNE_DEFAULTS, "enabled": True}
+    cfg = plain(cfg)
+    unknown = set(cfg) - set(TSNE_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"decaf.tsne: unknown key(s) {sorted(unknown)}; expected {sorted(TSNE_DEFAULTS)}")
+    out = {**TSNE_DEFAULTS, **cfg}
+    out["enabled"] = bool(out["enabled"])
+    out["panels"] = [str(p) for p in (out["panels"] or [])]
+    if out["enabled"] and not out["panels"]:
+        raise ConfigError("decaf.tsne.panels: name at least one feature (e.g. [conv1, fc6])")
+    if out["max_points"] is not None and int(out["max_points"]) < 2:
+        raise ConfigError(f"decaf.tsne.max_points={out['max_points']}: expected >= 2 (or null for every held-out image)")
+    return out
 
 
 def feature_label(name: str) -> str:
@@ -159,6 +187,14 @@ def build_pool(datamodule, pool: str = "all", max_images: int | None = None) -> 
     }
     return Pool(getattr(datamodule, "name", cls.__name__), images, labels, part, names, key,
                 build_transform(size, mean, std, "none"), gray)
+
+
+def subset_pool(pool: Pool, rows: np.ndarray) -> Pool:
+    """The pool's ``rows`` as a pool of their own, with a cache key of its own (dataset key + the rows)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    key = {**pool.key, "n": int(len(rows)), "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest()}
+    return Pool(pool.name, subset(pool.images, rows), pool.labels[rows], pool.part[rows], pool.class_names, key,
+                pool.transform, pool.gray)
 
 
 def check_pool(pool: Pool, n_train: int, what: str = "decaf.train_per_class") -> None:
@@ -257,6 +293,7 @@ class DecafModule(L.LightningModule):
         random_seed: int = 0,
         plot: bool = True,
         fit_threads: int | None = 1,
+        tsne: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "backbone_cfg", "target"])
@@ -270,6 +307,9 @@ class DecafModule(L.LightningModule):
         if not self.features or not self.specs:
             raise ConfigError("decaf.features and decaf.classifiers must each name at least one entry")
         self.check_features(self.features)
+        self.tsne = parse_tsne(tsne)
+        if self.tsne["enabled"]:
+            self.check_features(self.tsne["panels"], what="decaf.tsne.panels")
         shots = plain(shots)
         self.shots = sorted({int(s) for s in shots}) if shots else [int(train_per_class)]
         if self.shots[0] < 1:
@@ -295,14 +335,14 @@ class DecafModule(L.LightningModule):
         backbone.eval()
 
     # -- features -------------------------------------------------------------------------------
-    def check_features(self, names: Sequence[str]) -> None:
+    def check_features(self, names: Sequence[str], what: str = "decaf.features") -> None:
         for name in names:
             if name in BASELINES:
                 continue
             tap = name[len(RANDOM_PREFIX):] if name.startswith(RANDOM_PREFIX) else name
             if tap not in self.backbone.tap_names:
                 raise UnknownTapError(
-                    f"decaf.features: backbone '{self.backbone.arch}' has no tap '{tap}'; available taps: "
+                    f"{what}: backbone '{self.backbone.arch}' has no tap '{tap}'; available taps: "
                     f"{list(self.backbone.tap_names)} (also: raw, hog, random:<tap>)"
                 )
 
@@ -492,8 +532,65 @@ class DecafModule(L.LightningModule):
         fit_seconds = time.perf_counter() - t0
         metrics, tables, images = self.summarise(pool, results, feats, output_dir)
         metrics["decaf/classifier_seconds"] = fit_seconds
+        if self.tsne["enabled"]:
+            test = pool.part == 1
+            held_out = (np.flatnonzero(test) if test.any()
+                        else protocol_split(pool, max(self.shots), self.split_seeds[0])[1])
+            metrics.update(self.plot_tsne(trainer, [(pool, held_out, None)], feats_of={id(pool): feats},
+                                          path=output_dir / "tsne.png", batch_size=datamodule.eval_batch_size,
+                                          num_workers=datamodule.num_workers))
+            images["decaf/tsne"] = output_dir / "tsne.png"
         log_to_loggers(trainer, metrics, images, tables)
         return metrics
+
+    # -- t-SNE (Figure 2.1) ------------------------------------------------------------------------
+    def plot_tsne(self, trainer: L.Trainer, parts: Sequence[tuple[Pool, np.ndarray, str | None]], feats_of: dict,
+                  path: Path, batch_size: int = 256, num_workers: int = 0) -> dict[str, float]:
+        """Side-by-side t-SNE of ``decaf.tsne.panels`` on held-out images -> ``path`` (PNG) and
+        ``{"tsne/silhouette_<panel>": score, "tsne/seconds": s}``.
+
+        ``parts``: (pool, held-out row indices, domain name or None) -- one entry for ``task=decaf``, source
+        and target for ``task=decaf_domain`` (then the marker shows the domain). At most ``max_points`` images
+        are drawn, stratified by class (and split evenly over the domains). A panel already extracted for the
+        classifiers is reused; any other (``conv1`` by default) is extracted, and cached, for those images
+        only, so a wide low-level tap costs ``max_points`` rows, not the whole pool.
+        """
+        from callbacks.tsne import draw_tsne, embed_panels, stratified_subsample
+
+        t0 = time.perf_counter()
+        cfg = self.tsne
+        panels: list[str] = list(cfg["panels"])
+        per_part = None if not cfg["max_points"] else max(1, int(cfg["max_points"]) // len(parts))
+        columns: dict[str, list[np.ndarray]] = {p: [] for p in panels}
+        labels, domains = [], []
+        for k, (pool, rows, domain) in enumerate(parts):
+            rows = np.asarray(rows, dtype=np.int64)
+            rows = rows[stratified_subsample(pool.labels[rows], per_part, int(cfg["seed"]) + k)]
+            have = feats_of.get(id(pool), {})
+            missing = [p for p in panels if p not in have]
+            extra = {}
+            if missing:
+                sub = subset_pool(pool, rows)
+                extra = self.extract(trainer, sub, missing, batch_size, num_workers)
+            for p in panels:
+                columns[p].append(have[p][rows] if p in have else extra[p])
+            labels.append(pool.labels[rows])
+            domains += [domain] * len(rows)
+        result = embed_panels(
+            {feature_label(p): np.concatenate(columns[p]) for p in panels}, np.concatenate(labels),
+            domains if parts[0][2] is not None else None, max_points=None, seed=int(cfg["seed"]),
+            max_iter=int(cfg["max_iter"]), perplexity=float(cfg["perplexity"]),
+        )
+        pool0 = parts[0][0]
+        what = " vs ".join(str(d) for _, _, d in parts) if parts[0][2] is not None else pool0.name
+        draw_tsne(result, path, class_names=pool0.class_names,
+                  title=f"t-SNE of held-out {what} images ({len(result.labels)} points)")
+        out = {f"tsne/silhouette_{p}": float(result.silhouettes[feature_label(p)]) for p in panels}
+        out["tsne/seconds"] = time.perf_counter() - t0
+        log.info("decaf: t-SNE of %s on %d held-out images -> %s (%.1fs; silhouettes %s)", panels,
+                 len(result.labels), path, out["tsne/seconds"],
+                 {p: round(out[f"tsne/silhouette_{p}"], 3) for p in panels})
+        return out
 
     # -- reporting ------------------------------------------------------------------------------
     def summarise(self, pool: Pool, results: dict, feats: dict, output_dir: Path):

@@ -170,8 +170,24 @@ class DecafDomainModule(DecafModule):
                        for s, t in pairs}
         metrics = self.summarise_domain(pairs, results, output_dir)
         metrics["decaf/classifier_seconds"] = time.perf_counter() - t0
-        log_to_loggers(trainer, metrics, {}, self._tables)
+        images = {}
+        if self.tsne["enabled"]:
+            metrics.update(self.plot_tsne(
+                trainer, [(source, self.held_out(source, self.source_per_class), f"source ({source.name})"),
+                          (target, self.held_out(target, self.target_per_class), f"target ({target.name})")],
+                feats_of=feats, path=output_dir / "tsne.png", batch_size=datamodule.eval_batch_size,
+                num_workers=datamodule.num_workers,
+            ))
+            images["decaf/tsne"] = output_dir / "tsne.png"
+        log_to_loggers(trainer, metrics, images, self._tables)
         return metrics
+
+    def held_out(self, pool: Pool, n: int | None) -> np.ndarray:
+        """Rows of ``pool`` not labelled for training in the first split (every row when ``n`` is None)."""
+        everything = np.arange(len(pool))
+        if n is None:
+            return everything
+        return np.setdiff1d(everything, per_class_draw(pool.labels, everything, n, self.split_seeds[0]))
 
     def run_domain_protocol(self, src: Pool, tgt: Pool, fs: dict, ft: dict) -> dict:
         """{(feature, setting, classifier): {"acc": [...], "C": [...], "val": [...]}} over the split seeds."""

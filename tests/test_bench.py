@@ -41,7 +41,7 @@ def test_quick_run_writes_json(quick_run):
 
 def test_every_benchmark_ran(quick_run):
     _, _, result = quick_run
-    expected = {"training_loop", "cpu_efficiency", "input_pipeline", "startup"}
+    expected = {"training_loop", "cpu_efficiency", "input_pipeline", "startup", "decaf"}
     assert expected <= set(registry.load_all())
     assert set(result["benchmarks"]) == set(registry.load_all())
     assert all(b["error"] is None for b in result["benchmarks"].values())
@@ -72,6 +72,7 @@ def test_targets_from_the_issue(quick_run):
     targets = {(f["benchmark"], f["target"]["op"], f["target"]["value"]) for f in result["figures"] if f["target"]}
     assert ("training_loop", ">=", 0.95) in targets
     assert ("input_pipeline", ">=", 1.0) in targets
+    assert ("decaf", ">=", 0.9) in targets
 
 
 def test_markdown_table():

@@ -36,7 +36,7 @@ MINI = ["backbone.widths=[8,16,16,16,16]", "backbone.fc_dim=32"]
 TINY_DECAF = [
     "task=decaf", "dataset=fashion_mnist", *MINI, "backbone.weights=null",
     "decaf.splits=2", "decaf.max_images=120", "decaf.train_per_class=4", "decaf.C_grid=[0.1,10]",
-    "decaf.dropout_copies=2", "decaf.bf16=false",
+    "decaf.dropout_copies=2", "decaf.bf16=false", "decaf.tsne.enabled=false",
 ]
 
 
@@ -258,6 +258,28 @@ def test_loggers_get_metrics_and_wandb_gets_images(tmp_path):
     assert [c[0] for c in csv.method_calls] == ["log_metrics", "save"]  # no images/tables without W&B
 
 
+def test_tsne_png_and_silhouettes(make_cfg, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = decaf_cfg(make_cfg, "decaf.features=[fc6]", "decaf.classifiers=[logreg]", "decaf.splits=1",
+                    "decaf.tsne.enabled=true", "decaf.tsne.max_points=60", "decaf.tsne.max_iter=300",
+                    out="tsne", cache_dir=cache)
+    assert list(cfg.decaf.tsne.panels) == ["conv1", "fc6"]
+    m = runner.train(cfg)
+    png = Path(cfg.paths.output_dir) / "tsne.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for p in ("conv1", "fc6"):
+        assert -1.0 <= m[f"tsne/silhouette_{p}"] <= 1.0
+    # conv1 (not a classifier feature) is extracted for the plotted held-out images only, and cached
+    conv1 = [json.loads(p.read_text()) for p in (cache / "features").glob("conv1-*.json")]
+    assert len(conv1) == 1 and conv1[0]["n"] <= 60
+
+
+def test_tsne_panel_the_backbone_lacks_is_one_line(make_cfg, capsys):
+    cfg = decaf_cfg(make_cfg, "decaf.tsne.enabled=true", "decaf.tsne.panels=[conv9,fc6]")
+    msg = _one_line_error(capsys, lambda: runner.train(cfg))
+    assert "decaf.tsne.panels" in msg and "conv9" in msg
+
+
 # -- domain adaptation --------------------------------------------------------------------------
 def test_daume_augmentation_layout():
     X = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
@@ -289,9 +311,12 @@ def test_domain_run_mnist_to_digits(make_cfg):
     # the IDX fixture read as MNIST (classes '0'..'9') -> sklearn digits, both directions
     cfg = make_cfg("task=decaf_domain", "dataset=mnist", *MINI, "backbone.weights=null", "decaf.splits=2",
                    "decaf.max_images=100", "decaf.C_grid=[1.0]", "decaf.features=[raw,fc6]",
-                   "decaf.classifiers=[logreg]", "decaf_domain.source_per_class=5", "decaf.bf16=false", out="da")
+                   "decaf.classifiers=[logreg]", "decaf_domain.source_per_class=5", "decaf.bf16=false",
+                   "decaf.tsne.max_points=60", "decaf.tsne.max_iter=300", out="da")
     m = runner.train(cfg)
     out = Path(cfg.paths.output_dir)
+    # t-SNE of held-out source + target images (marker = domain)
+    assert (out / "tsne.png").read_bytes()[:4] == b"\x89PNG" and -1 <= m["tsne/silhouette_fc6"] <= 1
     assert m["decaf/directions"] == ["mnist_to_digits", "digits_to_mnist"]
     assert m["test/mean_class_acc"] == m["test/mnist_to_digits/fc6/daume/logreg/mean_class_acc"]
     (table,) = json.loads((out / "tables.json").read_text())
