@@ -1,0 +1,109 @@
+"""``backbone.weights=bigan:<dataset>``: a conv BiGAN encoder as the source representation (Table 5.2).
+
+Like ``source:<dataset>`` (``transferrable.source``) but unsupervised: ``task=bigan bigan.arch=conv`` is
+trained on ``<dataset>`` with this run's ``bigan_alexnet`` architecture (BN on), its encoder is exported
+with BN folded into the convolutions and cached under ``<cache_dir>/bigan/``; later runs with the same
+architecture, dataset and ``bigan_source_overrides`` reuse it.
+
+    python train.py task=classify backbone=bigan_alexnet backbone.in_channels=1 \
+        backbone.weights=bigan:fashion_mnist backbone.freeze=conv3 backbone.reinit_unfrozen=true \
+        +bigan_source_overrides='{trainer.max_epochs: 5, bigan.latent_dim: 200}'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+BIGAN_PREFIX = "bigan:"
+# keys that differ between BiGAN training and supervised use but not in the learned conv weights
+_NOT_IN_KEY = ("weights", "freeze", "norm_eval", "batch_norm", "reinit_unfrozen", "dropout", "init")
+
+
+def _overrides_node(cfg: DictConfig) -> dict:
+    how = cfg.get("bigan_source_overrides")
+    return OmegaConf.to_container(how, resolve=True) if isinstance(how, DictConfig) else dict(how or {})
+
+
+def bigan_source_path(cfg: DictConfig, dataset: str) -> Path:
+    arch = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k not in _NOT_IN_KEY}
+    parts = [arch, dataset, _overrides_node(cfg)]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(cfg.paths.cache_dir) / "bigan" / f"bigan_alexnet-{dataset}-{arch.get('input_size', 'any')}px-{digest}.pt"
+
+
+def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from transferrable.source import _as_overrides
+
+    how = _overrides_node(cfg)
+    overrides = [f"dataset={dataset}", "task=bigan", "bigan.arch=conv", "logger=csv", "callbacks=default",
+                 *_as_overrides(how)]
+    if GlobalHydra.instance().is_initialized():
+        pre = compose(config_name="train", overrides=overrides)
+    else:
+        conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            pre = compose(config_name="train", overrides=overrides)
+    flat = set(_as_overrides(how))
+    with open_dict(pre):
+        arch = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k not in _NOT_IN_KEY}
+        if not any(o.startswith("bigan.image_size=") for o in flat):
+            pre.bigan.image_size = arch.get("input_size", pre.bigan.image_size)
+        pre.bigan.channels = arch.get("in_channels", pre.bigan.channels)
+        pre.backbone = OmegaConf.merge(pre.backbone, arch)
+        pre.trainer.accelerator = cfg.trainer.accelerator
+        pre.trainer.devices = cfg.trainer.devices
+        pre.seed = cfg.get("seed")
+        pre.paths = OmegaConf.merge(cfg.paths, {"output_dir": str(run_dir)})
+        pre.task_name = f"bigan_source_{dataset}"
+        pre.ckpt_path = None
+        pre.pop("hydra", None)
+    return pre
+
+
+def pretrain_bigan_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
+    from transferrable.runner import train
+
+    run_dir = path.with_suffix(".run")
+    pre = _pretraining_config(cfg, dataset, run_dir)
+    print(f"[source] no cached BiGAN encoder at {path}; training a conv BiGAN on {dataset} "
+          f"({pre.trainer.max_epochs} epochs) -> {run_dir}", flush=True)
+    metrics = train(pre)
+    exported = metrics.get("encoder_checkpoint")
+    if not exported or not Path(exported).is_file():
+        raise RuntimeError(f"[source] BiGAN training on {dataset} exported no encoder in {run_dir}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    shutil.copyfile(exported, tmp)
+    tmp.replace(path)
+    print(f"[source] cached {path} (BiGAN test/knn1_acc={metrics.get('test/knn1_acc', float('nan')):.4f})", flush=True)
+    return path
+
+
+def resolve_bigan_weights(cfg: DictConfig) -> None:
+    """Replace ``backbone.weights=bigan:<dataset>`` by the cached encoder checkpoint, training it if absent."""
+    spec = str(cfg.backbone.get("weights"))
+    dataset = spec[len(BIGAN_PREFIX):]
+    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+    if not (conf_dir / f"{dataset}.yaml").is_file():
+        choices = sorted(p.stem for p in conf_dir.glob("*.yaml"))
+        raise ValueError(f"backbone.weights={spec!r}: unknown dataset {dataset!r}; choices: {choices}")
+    if "BiGANAlexNet" not in str(cfg.backbone.get("_target_")):
+        raise ValueError(f"backbone.weights={spec!r} needs backbone=bigan_alexnet (the conv BiGAN encoder)")
+    path = bigan_source_path(cfg, dataset)
+    if not path.is_file():
+        pretrain_bigan_source(cfg, dataset, path)
+    else:
+        log.info("using cached BiGAN encoder %s", path)
+    with open_dict(cfg):
+        cfg.backbone.weights = str(path)
