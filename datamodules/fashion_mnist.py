@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.base import ImageClassificationDataModule
-from datamodules.idx import find_idx, load_idx_split
+from datamodules.idx import download_idx, load_idx_split
 
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 HOW_TO_GET = (
@@ -26,11 +26,8 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
         return CLASSES
 
     def prepare_data(self) -> None:
-        if self.download and find_idx(Path(self.data_dir), "train-images-idx3-ubyte") is None:
-            import torchvision
-
-            for train in (True, False):
-                torchvision.datasets.FashionMNIST(str(self.data_dir), train=train, download=True)
+        if self.download:
+            download_idx(Path(self.data_dir), "FashionMNIST")
 
     def load_splits(self):
         self.prepare_data()

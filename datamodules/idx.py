@@ -55,3 +55,12 @@ def load_idx_split(directory: Path, prefix: str, dataset: str, how_to_get: str) 
     if len(images) != len(labels):
         raise DatasetError(f"{img}: {len(images)} images but {lab.name} has {len(labels)} labels")
     return images, labels
+
+
+def download_idx(data_dir: Path, torchvision_dataset: str) -> None:
+    """``dataset.download=true``: fetch the IDX files with torchvision (needs internet) unless present."""
+    if find_idx(Path(data_dir), "train-images-idx3-ubyte") is None:
+        import torchvision
+
+        for train in (True, False):
+            getattr(torchvision.datasets, torchvision_dataset)(str(data_dir), train=train, download=True)

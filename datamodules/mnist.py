@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DatasetError, ImageClassificationDataModule, stratified_split
-from datamodules.idx import find_idx, load_idx_split
+from datamodules.idx import download_idx, find_idx, load_idx_split
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,8 @@ class MNISTDataModule(ImageClassificationDataModule):
         return CLASSES
 
     def prepare_data(self) -> None:
-        if self.download and find_idx(Path(self.data_dir), "train-images-idx3-ubyte") is None:
-            import torchvision
-
-            for train in (True, False):
-                torchvision.datasets.MNIST(str(self.data_dir), train=train, download=True)
+        if self.download:
+            download_idx(Path(self.data_dir), "MNIST")
 
     def load_splits(self):
         self.prepare_data()

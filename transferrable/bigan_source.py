@@ -20,6 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transferrable.source import _as_overrides, check_dataset_choice, compose_train_config, overrides_node
+
 log = logging.getLogger(__name__)
 
 BIGAN_PREFIX = "bigan:"
@@ -28,8 +30,7 @@ _NOT_IN_KEY = ("weights", "freeze", "norm_eval", "batch_norm", "reinit_unfrozen"
 
 
 def _overrides_node(cfg: DictConfig) -> dict:
-    how = cfg.get("bigan_source_overrides")
-    return OmegaConf.to_container(how, resolve=True) if isinstance(how, DictConfig) else dict(how or {})
+    return overrides_node(cfg, "bigan_source_overrides")
 
 
 def bigan_source_path(cfg: DictConfig, dataset: str) -> Path:
@@ -40,20 +41,10 @@ def bigan_source_path(cfg: DictConfig, dataset: str) -> Path:
 
 
 def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from transferrable.source import _as_overrides
-
     how = _overrides_node(cfg)
     overrides = [f"dataset={dataset}", "task=bigan", "bigan.arch=conv", "logger=csv", "callbacks=default",
                  *_as_overrides(how)]
-    if GlobalHydra.instance().is_initialized():
-        pre = compose(config_name="train", overrides=overrides)
-    else:
-        conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            pre = compose(config_name="train", overrides=overrides)
+    pre = compose_train_config(overrides)
     flat = set(_as_overrides(how))
     with open_dict(pre):
         arch = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k not in _NOT_IN_KEY}
@@ -94,10 +85,7 @@ def resolve_bigan_weights(cfg: DictConfig) -> None:
     """Replace ``backbone.weights=bigan:<dataset>`` by the cached encoder checkpoint, training it if absent."""
     spec = str(cfg.backbone.get("weights"))
     dataset = spec[len(BIGAN_PREFIX):]
-    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "dataset"
-    if not (conf_dir / f"{dataset}.yaml").is_file():
-        choices = sorted(p.stem for p in conf_dir.glob("*.yaml"))
-        raise ValueError(f"backbone.weights={spec!r}: unknown dataset {dataset!r}; choices: {choices}")
+    check_dataset_choice(spec, dataset)
     if "BiGANAlexNet" not in str(cfg.backbone.get("_target_")):
         raise ValueError(f"backbone.weights={spec!r} needs backbone=bigan_alexnet (the conv BiGAN encoder)")
     path = bigan_source_path(cfg, dataset)

@@ -57,20 +57,36 @@ def _as_overrides(node: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
-    """``task=classify dataset=<dataset>`` with this run's backbone architecture, hardware and seed."""
+def overrides_node(cfg: DictConfig, key: str) -> dict:
+    """``cfg[key]`` as a plain dict (an empty DictConfig is falsy, and to_container refuses a plain dict)."""
+    how = cfg.get(key)
+    return OmegaConf.to_container(how, resolve=True) if isinstance(how, DictConfig) else dict(how or {})
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """Compose ``conf/train.yaml`` inside a running Hydra app (train.py, tests) or standalone."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = [f"dataset={dataset}", "task=classify", "logger=csv", "callbacks=default"]
-    how = cfg.get("source_overrides")  # an empty DictConfig is falsy, and to_container refuses a plain dict
-    overrides += _as_overrides(OmegaConf.to_container(how, resolve=True) if isinstance(how, DictConfig) else dict(how or {}))
     if GlobalHydra.instance().is_initialized():
-        pre = compose(config_name="train", overrides=overrides)
-    else:
-        conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            pre = compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=overrides)
+    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def check_dataset_choice(spec: str, dataset: str, what: str = "dataset") -> None:
+    """A ``<prefix>:<dataset>`` weights spec must name a ``conf/dataset`` option."""
+    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+    if not (conf_dir / f"{dataset}.yaml").is_file():
+        choices = sorted(p.stem for p in conf_dir.glob("*.yaml"))
+        raise ValueError(f"backbone.weights={spec!r}: unknown {what} {dataset!r}; choices: {choices}")
+
+
+def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
+    """``task=classify dataset=<dataset>`` with this run's backbone architecture, hardware and seed."""
+    overrides = [f"dataset={dataset}", "task=classify", "logger=csv", "callbacks=default"]
+    pre = compose_train_config(overrides + _as_overrides(overrides_node(cfg, "source_overrides")))
     with open_dict(pre):
         pre.backbone = OmegaConf.merge(cfg.backbone, {"weights": None, "freeze": "none"})
         pre.trainer.accelerator = cfg.trainer.accelerator
@@ -122,11 +138,7 @@ def resolve_source_weights(cfg: DictConfig) -> None:
     if not (isinstance(spec, str) and spec.startswith(SOURCE_PREFIX)):
         return
     dataset = spec[len(SOURCE_PREFIX):]
-
-    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "dataset"
-    if not (conf_dir / f"{dataset}.yaml").is_file():
-        choices = sorted(p.stem for p in conf_dir.glob("*.yaml"))
-        raise ValueError(f"backbone.weights={spec!r}: unknown source dataset {dataset!r}; choices: {choices}")
+    check_dataset_choice(spec, dataset, what="source dataset")
     path = source_checkpoint_path(cfg, dataset)
     if not path.is_file():
         pretrain_source(cfg, dataset, path)
