@@ -20,7 +20,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from transferrable.source import _as_overrides, check_dataset_choice, compose_train_config, overrides_node
+from transferrable.source import (
+    _as_overrides,
+    check_dataset_choice,
+    compose_train_config,
+    inherit_run_settings,
+    overrides_node,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +58,8 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
             pre.bigan.image_size = arch.get("input_size", pre.bigan.image_size)
         pre.bigan.channels = arch.get("in_channels", pre.bigan.channels)
         pre.backbone = OmegaConf.merge(pre.backbone, arch)
-        pre.trainer.accelerator = cfg.trainer.accelerator
-        pre.trainer.devices = cfg.trainer.devices
-        pre.seed = cfg.get("seed")
-        pre.paths = OmegaConf.merge(cfg.paths, {"output_dir": str(run_dir)})
-        pre.task_name = f"bigan_source_{dataset}"
         pre.ckpt_path = None
-        pre.pop("hydra", None)
+    inherit_run_settings(pre, cfg, run_dir, f"bigan_source_{dataset}")  # precision stays fp32 (see task)
     return pre
 
 

@@ -75,6 +75,17 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="train", overrides=overrides)
 
 
+def inherit_run_settings(pre: DictConfig, cfg: DictConfig, run_dir: Path, task_name: str) -> None:
+    """A nested pretraining run uses this run's devices, seed and paths, and writes into ``run_dir``."""
+    with open_dict(pre):
+        pre.trainer.accelerator = cfg.trainer.accelerator
+        pre.trainer.devices = cfg.trainer.devices
+        pre.seed = cfg.get("seed")
+        pre.paths = OmegaConf.merge(cfg.paths, {"output_dir": str(run_dir)})
+        pre.task_name = task_name
+        pre.pop("hydra", None)
+
+
 def check_dataset_choice(spec: str, dataset: str, what: str = "dataset") -> None:
     """A ``<prefix>:<dataset>`` weights spec must name a ``conf/dataset`` option."""
     conf_dir = Path(__file__).resolve().parents[1] / "conf" / "dataset"
@@ -89,13 +100,8 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
     pre = compose_train_config(overrides + _as_overrides(overrides_node(cfg, "source_overrides")))
     with open_dict(pre):
         pre.backbone = OmegaConf.merge(cfg.backbone, {"weights": None, "freeze": "none"})
-        pre.trainer.accelerator = cfg.trainer.accelerator
-        pre.trainer.devices = cfg.trainer.devices
         pre.trainer.precision = cfg.trainer.precision
-        pre.seed = cfg.get("seed")
-        pre.paths = OmegaConf.merge(cfg.paths, {"output_dir": str(run_dir)})
-        pre.task_name = f"source_{dataset}"
-        pre.pop("hydra", None)
+    inherit_run_settings(pre, cfg, run_dir, f"source_{dataset}")
     return pre
 
 
