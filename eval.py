@@ -9,6 +9,9 @@ from pathlib import Path
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Before torch loads OpenMP: spinning OpenMP threads make every op many times slower when another process
+# shares the cores (a sweep, a data loader, a second run); export OMP_WAIT_POLICY=ACTIVE to opt out.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,42 @@ def build_transform(input_size: int, mean: Sequence[float], std: Sequence[float]
     return A.Compose([*geo, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()])
 
 
+class EpochSeededSampler(Sampler):
+    """Shuffles like ``RandomSampler`` and tags every index with this epoch's seed: ``(index, seed)``.
+
+    The order and the epoch seed are functions of ``(seed, epoch)`` alone (Lightning calls ``set_epoch`` at every
+    epoch start, as for ``DistributedSampler``), so a run resumed from a checkpoint shuffles exactly as an
+    uninterrupted one. albumentations 2.x transforms own their RNG (seeded from the OS unless told, and copied
+    as-is into forked workers), so the dataset reseeds its transform from the epoch seed once per epoch and worker.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples, self.seed, self.epoch = int(num_samples), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0] >> 1)
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        return iter([(i, epoch_seed) for i in order])
+
+
 class ImageDataset(Dataset):
-    """Images (an array or file paths) with integer labels, through an albumentations transform."""
+    """Images (an array or file paths) with integer labels, through an albumentations transform.
+
+    An index may come as ``(index, epoch_seed)`` from ``EpochSeededSampler``: the transform is then reseeded
+    when the epoch seed changes, so augmentation is a function of the run's seed alone.
+    """
 
     def __init__(self, images: Images, labels: np.ndarray, transform=None):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+        self._transform_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -80,7 +109,16 @@ class ImageDataset(Dataset):
         item = self.images[index]
         return to_rgb(read_image(item) if isinstance(item, str | Path) else np.asarray(item))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _reseed(self, epoch_seed: int) -> None:
+        if epoch_seed != self._transform_seed and hasattr(self.transform, "set_random_seed"):
+            worker = get_worker_info()
+            self.transform.set_random_seed((epoch_seed + (worker.id if worker else 0)) % 2**32)
+        self._transform_seed = epoch_seed
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if isinstance(index, tuple):
+            index, epoch_seed = index
+            self._reseed(epoch_seed)
         img = self.load(index)
         x = self.transform(image=img)["image"] if self.transform is not None else torch.from_numpy(img)
         return x, int(self.labels[index])
@@ -188,7 +226,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(len(self.splits[split]), self.seed) if shuffle else None,
+            # worker base seeds from a private generator: building an iterator then leaves the global RNG
+            # (dropout; restored on resume by callbacks.rng_state) untouched
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
