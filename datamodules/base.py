@@ -150,6 +150,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
     ``load_splits`` returns ``{"train": (images, labels), "test": (...), ["val": (...)]}``; without a
     ``val`` split, ``val_fraction`` of train (stratified, from ``seed``) becomes validation.
     """
+    PROVIDES_DATA = ("images", "labels")  # what tasks may ask for (transferrable/compat.py)
 
     name = "images"
 

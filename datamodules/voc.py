@@ -236,6 +236,7 @@ class VOCDetectionDataModule(L.LightningDataModule):
     """Detection images with boxes from a VOC directory; see the module docstring for items and the
     bad-input policy. ``summary`` holds the counts after ``setup``; ``records(split)`` the parsed
     annotations without pixels (for evaluation); ``load_segmentation(image_id)`` the palette masks."""
+    PROVIDES_DATA = ("images", "boxes")  # what tasks may ask for (transferrable/compat.py)
 
     name = "voc"
 

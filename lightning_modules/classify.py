@@ -18,6 +18,8 @@ from models.backbones import TapBackbone
 
 
 class ClassifyModule(L.LightningModule):
+    REQUIRES_DATA = ("labels",)  # checked against the dataset before any work (transferrable/compat.py)
+
     def __init__(
         self,
         backbone: TapBackbone,

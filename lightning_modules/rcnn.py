@@ -144,6 +144,8 @@ class WindowBatches(Dataset):
 
 
 class RCNNModule(L.LightningModule):
+    REQUIRES_DATA = ("boxes",)  # checked against the dataset before any work (transferrable/compat.py)
+
     def __init__(
         self,
         backbone: TapBackbone,

@@ -147,3 +147,28 @@ def test_freeze_ablation_experiment():
         jcfg = compose_train(["experiment=freeze_ablation", *job])
         bb = instantiate(OmegaConf.merge(jcfg.backbone, {"weights": None}))
         assert bb.frozen_stage_names()[-1:] == ([] if jcfg.backbone.freeze == "none" else [jcfg.backbone.freeze])
+
+
+# -- incompatible task/dataset pairs are refused before any work ---------------------------------
+def test_detection_task_on_a_dataset_without_boxes_fails_before_any_work(make_cfg, monkeypatch):
+    import transferrable.source as source
+    from transferrable.errors import ConfigError
+    from transferrable.runner import train
+
+    monkeypatch.setattr(source, "resolve_source_weights", lambda cfg: pytest.fail("pretraining started"))
+    cfg = make_cfg("task=rcnn", "dataset=fashion_mnist")
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "task=rcnn needs a dataset with boxes" in msg and "FashionMNISTDataModule" in msg
+    assert "'scenes'" in msg and "'voc'" in msg and "'mnist'" not in msg  # the datasets that would fit
+
+
+def test_classification_task_on_a_detection_dataset_is_refused():
+    from transferrable.compat import check_task_dataset
+    from transferrable.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a dataset with labels.*'fashion_mnist'"):
+        check_task_dataset(compose_train(["dataset=scenes"]))
+    check_task_dataset(compose_train([]))  # classify on Fashion-MNIST fits
+    check_task_dataset(compose_train(["task=rcnn"]))  # and R-CNN on the generated scenes

@@ -66,8 +66,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from transferrable.atomic import atomic_write_json
+    from transferrable.compat import check_task_dataset
     from transferrable.source import resolve_source_weights
 
+    check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
     resolve_source_weights(cfg)  # may pretrain first; seed afterwards so this run is the same either way
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
