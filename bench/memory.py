@@ -3,8 +3,9 @@ cache larger than the miner's in-memory budget, at two cache sizes (the second t
 memory means the same peak.
 
 Each size runs in its own subprocess (``python -m bench.memory --worker ...``), so one size's pages and
-allocator arenas cannot inflate the other's peak; the worker reports ``ru_maxrss`` (the kernel's peak RSS of
-the process, file-backed pages included) and its RSS right after the imports and set-up (``VmRSS``).
+allocator arenas cannot inflate the other's peak; the worker reports its peak RSS (``VmHWM`` in /proc/self/status, file-backed
+pages included; not ``ru_maxrss``, which Linux carries over from the forking parent across exec) and its RSS
+right after the imports and set-up (``VmRSS``).
 
 What runs is ``task=rcnn``'s own SVM stage: the pool5 cache is a float16 ``np.memmap`` (the task's
 ``feature_dtype``) of N images x 200 regions (2 ground-truth boxes first, as ``ImageSet`` lays them out),
@@ -72,16 +73,16 @@ def write_cache(path: Path, images: int, seed: int = 0, chunk_images: int = 256)
     return path.stat().st_size
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (``VmRSS``: now, ``VmHWM``: the peak) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    return float("nan")
+    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
 def _worker(path: str, images: int) -> dict:
     """Runs in its own process: train_svms over the memmap, reports peak and set-up RSS (MiB)."""
-    import resource
     from functools import partial
 
     import torch
@@ -101,11 +102,13 @@ def _worker(path: str, images: int) -> dict:
     items, proposals = _scene(images)
     data = ImageSet("train", items, proposals, True)
     pool5 = np.memmap(path, dtype=np.float16, mode="r", shape=(data.num_regions, POOL5_DIM))
-    setup = _rss_mib()
+    setup = _status_mib("VmRSS")
     feats = ChunkedRows(pool5, partial(module.from_pool5, layer="fc7"))
     scale = norm_scale(feats[: min(len(feats), 20000)], SVM["feature_norm"])
     miner = module.train_svms(data, feats, scale)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a worker forked from a big
+    # parent would report the parent's resident set as its own peak
+    peak = _status_mib("VmHWM")
     return {"peak_mib": peak, "setup_mib": setup, "summary": miner.summary(), "rows": int(data.num_regions)}
 
 
@@ -121,7 +124,7 @@ def measure(path: Path, images: int) -> dict:
 
 @benchmark("memory")
 def memory(ctx: Context) -> list[Figure]:
-    images = 40 if ctx.quick else 400  # x 200 regions x 1024 x 2 B: 16 MiB / 156 MiB, then twice that
+    images = 40 if ctx.quick else 300  # x 200 regions x 1024 x 2 B: 16 MiB / 117 MiB, then twice that
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         runs = {}
         for n in (images, 2 * images):
