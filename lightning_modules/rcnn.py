@@ -36,6 +36,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.backbones import TapBackbone
 from models.rcnn.bbox_regression import BoxRegressor
+from models.rcnn.feature_rows import ChunkedRows
 from models.rcnn.proposals import ProposalCache
 from models.rcnn.regions import assign_labels, class_max_iou, image_tensor, scaled_pad, warp_regions
 from models.rcnn.svm import HardNegativeMiner, norm_scale
@@ -488,7 +490,8 @@ class RCNNModule(L.LightningModule):
                 t0 = time.perf_counter()
                 log.info("rcnn: %s", name)
                 if scoring == "svm":
-                    ftr = self.from_pool5(pool5_train, layer) if layer != "pool5" else np.asarray(pool5_train, np.float32)
+                    # read chunk by chunk (fc6/fc7 computed per chunk): memory stays bounded as the cache grows
+                    ftr = ChunkedRows(pool5_train, None if layer == "pool5" else partial(self.from_pool5, layer=layer))
                     scale = norm_scale(ftr[: min(len(ftr), 20000)], self.svm_cfg["feature_norm"])
                     miner = self.train_svms(svm_data, ftr, scale)
                     info[f"svm/{layer}"] = {"seconds": time.perf_counter() - t0, "feature_scale": scale, **miner.summary()}

@@ -41,7 +41,8 @@ def test_quick_run_writes_json(quick_run):
 
 def test_every_benchmark_ran(quick_run):
     _, _, result = quick_run
-    expected = {"training_loop", "cpu_efficiency", "input_pipeline", "startup", "decaf"}
+    expected = {"training_loop", "cpu_efficiency", "input_pipeline", "startup", "decaf", "voc_ap", "caption_metrics",
+                "memory", "scaling"}
     assert expected <= set(registry.load_all())
     assert set(result["benchmarks"]) == set(registry.load_all())
     assert all(b["error"] is None for b in result["benchmarks"].values())
@@ -53,8 +54,12 @@ def test_records_are_well_formed(quick_run):
     for f in result["figures"]:
         v = f["value"]
         assert f["figure"] and f["unit"], f
-        assert len(v["samples"]) == result["repeats"], f
-        assert all(_positive(s) for s in v["samples"]), f
+        # peak RSS is measured once per size (one process each); timings once per repeat
+        assert len(v["samples"]) == (1 if f["benchmark"] == "memory" else result["repeats"]), f
+        if f["unit"] == "exponent":  # a fitted growth exponent may be <= 0 at tiny, noisy sizes
+            assert all(math.isfinite(s) for s in v["samples"]), f
+        else:
+            assert all(_positive(s) for s in v["samples"]), f
         assert v["min"] <= v["median"] <= v["max"], f
         ref = f["reference"]
         if ref is None:
@@ -73,6 +78,19 @@ def test_targets_from_the_issue(quick_run):
     assert ("training_loop", ">=", 0.95) in targets
     assert ("input_pipeline", ">=", 1.0) in targets
     assert ("decaf", ">=", 0.9) in targets
+    assert ("voc_ap", ">=", 1.0) in targets  # every class's AP identical to the reference implementation
+    assert ("memory", "<=", 1.1) in targets  # same peak at twice the cache
+
+
+def test_evaluator_entries_agree_with_their_references(quick_run):
+    _, _, result = quick_run
+    figs = {f["figure"]: f for f in result["figures"] if f["benchmark"] in ("voc_ap", "memory", "scaling")}
+    identical = next(f for name, f in figs.items() if name.startswith("VOC AP classes identical"))
+    assert identical["met"] is True and identical["value"]["median"] == identical["reference"]["median"]
+    captions = [f for f in result["figures"] if f["benchmark"] == "caption_metrics"]
+    assert {"BLEU-1..4", "ROUGE-L", "CIDEr"} <= {f["figure"].rsplit(": ", 1)[1] for f in captions}
+    growth = [f for f in figs.values() if f["unit"] == "exponent"]
+    assert len(growth) == 4 and all(f["reference"]["median"] == 1.0 for f in growth)
 
 
 def test_markdown_table():
@@ -123,3 +141,37 @@ def test_fashion_mnist_fixture_reads_back(tmp_path):
     assert images.shape == (30, 28, 28) and images.dtype == np.uint8
     assert sorted(set(labels.tolist())) == list(range(10))
     assert load_idx_split(tmp_path, "t10k", "fixture", "")[0].shape == (20, 28, 28)
+
+
+def test_loglog_slope_recovers_exponents():
+    from bench.growth import growth_figure, loglog_slope, measure_growth
+
+    sizes = [10, 20, 40, 80]
+    assert loglog_slope(sizes, [3 * s for s in sizes]) == pytest.approx(1.0)
+    assert loglog_slope(sizes, [0.5 * s**2 for s in sizes]) == pytest.approx(2.0)
+    assert loglog_slope(sizes, [7.0] * 4) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        loglog_slope([5, 5], [1.0, 2.0])
+    calls = []
+    slopes, costs = measure_growth({n: (lambda n=n: calls.append(n) or n**1.5) for n in (4, 16)}, repeats=3)
+    assert slopes == pytest.approx([1.5] * 3) and costs == {4: [8.0] * 3, 16: [64.0] * 3}
+    assert calls.count(4) == 4  # one untimed warm-up call at the smallest size
+    fig = growth_figure("demo", costs, slopes, "items")
+    assert fig.unit == "exponent" and fig.ratio == pytest.approx(1.5) and fig.met is False
+
+
+def test_reference_voc_eval_on_a_hand_computed_case():
+    from bench.evaluators import reference_voc_eval
+    from transferrable.voc_eval import evaluate_detections
+
+    gt = [{"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32),
+           "labels": np.array([0, 0, 0]), "difficult": np.array([False, False, True])}]
+    # scores: TP, FP (duplicate of box 0), ignored (on the difficult box), TP, FP (nothing there)
+    det = [{"boxes": np.array([[0, 0, 10, 10], [0, 0, 10, 9], [40, 40, 50, 50], [20, 20, 30, 31], [60, 60, 70, 70]],
+                              np.float32), "labels": np.zeros(5, int), "scores": np.array([0.9, 0.8, 0.7, 0.6, 0.5])}]
+    ap, ap07 = reference_voc_eval(det, gt, 1)
+    # precision/recall after each counted detection: (1, 0.5), (0.5, 0.5), (2/3, 1), (0.5, 1)
+    assert ap[0] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert ap07[0] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    suite = evaluate_detections(det, gt, 1)
+    assert suite["ap"][0] == ap[0] and suite["ap07"][0] == ap07[0]

@@ -391,3 +391,20 @@ def test_default_source_weights_resolve_without_source_overrides(tmp_path):
     assert cfg.backbone.weights == "source:fashion_mnist" and not cfg.source_overrides
     pre = source._pretraining_config(cfg, "fashion_mnist", tmp_path / "pre")
     assert pre.model._target_.endswith("ClassifyModule") and pre.dataset._target_.endswith("FashionMNISTDataModule")
+
+
+def test_direct_transform_is_bit_identical_and_only_for_fixed_pipelines():
+    import torch
+
+    from datamodules.base import build_transform, to_rgb
+    from lightning_modules.decaf import DirectTransform
+
+    compose = build_transform(32, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3], "none")
+    direct = DirectTransform.of(compose)
+    assert isinstance(direct, DirectTransform)
+    rng = np.random.default_rng(0)
+    for img in [to_rgb(rng.integers(0, 256, (28, 28), dtype=np.uint8)), rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)]:
+        assert torch.equal(direct(image=img)["image"], compose(image=img)["image"])
+    augmenting = build_transform(32, [0.5] * 3, [0.5] * 3, "flip_crop")
+    assert DirectTransform.of(augmenting) is augmenting  # random steps keep the Compose
+    assert DirectTransform.of(None) is None
