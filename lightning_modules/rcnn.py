@@ -23,6 +23,12 @@
    in both conventions (``transferrable.voc_eval``), a per-class table shaped like Table 3.2
    (``tables.json``), ``rcnn_results.json``, detections drawn on test images (``detections.png``).
 
+Before fine-tuning, ``grayscale_source`` folds conv1's untrained colour components (a source learnt on
+grayscale images, ``models.rcnn.regions.fold_conv1_colour``); the fresh head learns at ``head_lr_mult`` x the
+lr; afterwards the head's accuracy on windows of the train and the held-out val images is reported
+(``rcnn/finetune/*``). ``analysis`` adds ``pool5_units.png`` (Figure 3.4) and ``fp_breakdown.png`` (Figure
+3.5, ``transferrable.detection_analysis``).
+
 Metrics: ``test/mAP`` (VOC2010+ area) and ``test/mAP_07`` (11-point) of the headline variant (the last
 layer of the first scoring, with box regression when enabled), ``test/<variant>/mAP[_07]`` for each row,
 and ``rcnn/time/*`` seconds per test image (proposals / warping / cnn / scoring+nms).

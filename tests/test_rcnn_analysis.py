@@ -15,11 +15,11 @@ from transferrable.detection_analysis import (
 
 
 def test_false_positive_types_hand_made():
-    # one image: class 0 object at A, class 1 (similar to 0) at S, class 2 (dissimilar) at O, difficult class-0 at D
-    A, S, O, D = [0, 0, 10, 10], [30, 0, 40, 10], [60, 0, 70, 10], [0, 60, 10, 70]
-    gt = [{"boxes": np.array([A, S, O, D], np.float32), "labels": np.array([0, 1, 2, 0]),
+    # one image: class 0 object at A, class 1 (similar to 0) at S, class 2 (dissimilar) at OT, difficult class-0 at D
+    A, S, OT, D = [0, 0, 10, 10], [30, 0, 40, 10], [60, 0, 70, 10], [0, 60, 10, 70]
+    gt = [{"boxes": np.array([A, S, OT, D], np.float32), "labels": np.array([0, 1, 2, 0]),
            "difficult": np.array([False, False, False, True])}]
-    dets = [{"boxes": np.array([A, A, [0, 0, 10, 4], S, O, [80, 80, 90, 90], D], np.float32),
+    dets = [{"boxes": np.array([A, A, [0, 0, 10, 4], S, OT, [80, 80, 90, 90], D], np.float32),
              "scores": np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]), "labels": np.zeros(7, int)}]
     types = false_positive_types(dets, gt, 3, similar=[[0, 1]])
     # TP, duplicate (Loc), IoU 0.4 with A (Loc), similar class (Sim), other class (Oth), nothing (BG), difficult
@@ -95,3 +95,42 @@ def test_roi_pool_scale_resizes_image_and_boxes(scale):
     f = m.image_pool5(image, boxes, (0.5,) * 3, (0.25,) * 3)
     assert f.shape == (2, m.pool5_dim) and np.isfinite(f).all()
     assert not np.allclose(f[0], f[1])  # the sub-box pools a different part of the map
+
+
+def test_grayscale_fold_keeps_gray_responses_and_drops_colour_noise():
+    from models.backbones import CaffeNetMini
+    from models.rcnn.regions import fold_conv1_colour
+
+    torch.manual_seed(0)
+    net = CaffeNetMini(input_size=32).eval()
+    gray = torch.rand(4, 1, 32, 32).expand(4, 3, 32, 32).contiguous()
+    colour = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        before = net.forward_taps(gray, "conv1")["conv1"]
+        removed = fold_conv1_colour(net)
+        after = net.forward_taps(gray, "conv1")["conv1"]
+        lum = net.forward_taps(colour.mean(1, keepdim=True).expand(4, 3, 32, 32).contiguous(), "conv1")["conv1"]
+        col = net.forward_taps(colour, "conv1")["conv1"]
+    assert removed > 0.1 and fold_conv1_colour(net) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)  # grayscale inputs: unchanged
+    torch.testing.assert_close(col, lum, rtol=1e-4, atol=1e-5)  # colour inputs: seen as their channel mean
+
+
+def test_vgg16_headline_is_cpu_sized():
+    """``task=rcnn backbone=vgg16`` picks conf/task_backbone/rcnn-vgg16.yaml: 32 px, 512-D pool5/fc7, a short
+    source recipe; other tasks and backbones are untouched."""
+    from conftest import compose_train
+    from hydra.utils import instantiate
+
+    cfg = compose_train(["task=rcnn", "backbone=vgg16"])
+    assert cfg.backbone.input_size == 32 and cfg.backbone.pool5_size == 1 and cfg.backbone.fc_dim == 512
+    assert cfg.source_overrides.trainer.max_epochs == 1 and cfg.source_overrides.dataset.max_train_samples == 10000
+    assert compose_train(["task=rcnn"]).backbone.input_size == 32 and not compose_train(["task=rcnn"]).source_overrides
+    assert compose_train(["task=classify", "backbone=vgg16"]).backbone.input_size == 64
+    arch = compose_train(["experiment=rcnn_archs", "backbone=vgg16"]).backbone
+    assert arch.input_size == 64 and arch.pool5_size == 2  # the experiment still wins
+    bb = instantiate({**cfg.backbone, "weights": None})
+    assert bb.feature_dim("pool5") == 512 and bb.feature_dim("fc7") == 512
+    with torch.no_grad():
+        out = bb.eval().forward_taps(torch.zeros(2, 3, 32, 32), ["pool5", "fc7"])
+    assert out["pool5"].flatten(1).shape == (2, 512) and out["fc7"].shape == (2, 512)
