@@ -23,6 +23,12 @@
    in both conventions (``transferrable.voc_eval``), a per-class table shaped like Table 3.2
    (``tables.json``), ``rcnn_results.json``, detections drawn on test images (``detections.png``).
 
+Before fine-tuning, ``grayscale_source`` folds conv1's untrained colour components (a source learnt on
+grayscale images, ``models.rcnn.regions.fold_conv1_colour``); the fresh head learns at ``head_lr_mult`` x the
+lr; afterwards the head's accuracy on windows of the train and the held-out val images is reported
+(``rcnn/finetune/*``). ``analysis`` adds ``pool5_units.png`` (Figure 3.4) and ``fp_breakdown.png`` (Figure
+3.5, ``transferrable.detection_analysis``).
+
 Metrics: ``test/mAP`` (VOC2010+ area) and ``test/mAP_07`` (11-point) of the headline variant (the last
 layer of the first scoring, with box regression when enabled), ``test/<variant>/mAP[_07]`` for each row,
 and ``rcnn/time/*`` seconds per test image (proposals / warping / cnn / scoring+nms).
@@ -50,7 +56,15 @@ from models.backbones import TapBackbone
 from models.rcnn.bbox_regression import BoxRegressor
 from models.rcnn.feature_rows import ChunkedRows
 from models.rcnn.proposals import ProposalCache
-from models.rcnn.regions import assign_labels, class_max_iou, image_tensor, scaled_pad, warp_regions
+from models.rcnn.regions import (
+    assign_labels,
+    class_max_iou,
+    fold_conv1_colour,
+    image_tensor,
+    scaled_pad,
+    warp_regions,
+    warp_regions_multi,
+)
 from models.rcnn.svm import HardNegativeMiner, norm_scale
 
 log = logging.getLogger(__name__)
@@ -137,12 +151,13 @@ class WindowBatches(Dataset):
             if len(pool) and n > 0:
                 picks.append(pool[rng.choice(len(pool), n, replace=len(pool) < n)])
         sel = np.concatenate(picks) if picks else np.zeros((0, 2), np.int64)
-        xs, ys = [], []
+        imgs, bxs, ys = [], [], []
         for i in np.unique(sel[:, 0]):
             j = sel[sel[:, 0] == i, 1]
-            xs.append(warp_regions(self._tensor(int(i)), self.data.boxes[i][j], self.size, self.pad))
+            imgs.append(self._tensor(int(i)))
+            bxs.append(self.data.boxes[i][j])
             ys.append(torch.from_numpy(self.labels[i][j]))
-        return torch.cat(xs), torch.cat(ys)
+        return warp_regions_multi(imgs, bxs, self.size, self.pad), torch.cat(ys)
 
 
 class RCNNModule(L.LightningModule):
@@ -175,6 +190,11 @@ class RCNNModule(L.LightningModule):
         draw_images: int = 8,
         draw_top: int = 5,
         seed: int = 0,
+        finetune_eval_batches: int = 8,
+        analysis: bool = True,
+        grayscale_source: bool = False,
+        pool5_units: list[int] | None = None,
+        draw_top_regions: int = 8,
         class_names: list[str] | None = None,
     ):
         super().__init__()
@@ -192,7 +212,8 @@ class RCNNModule(L.LightningModule):
                 raise ValueError(f"{what}={v}: expected values from {list(ok)}")
         self.proposal_cfg = dict(proposals or {})
         self.ft = {"iterations": 50, "positives": 32, "background": 96, "fg_threshold": 0.5, "lr": 0.01,
-                   "momentum": 0.9, "weight_decay": 5e-4, "step_epochs": 10, "gamma": 0.1, **(finetune or {})}
+                   "momentum": 0.9, "weight_decay": 5e-4, "step_epochs": 10, "gamma": 0.1, "head_lr_mult": 10.0,
+                   **(finetune or {})}
         self.svm_cfg = {"C": 1e-3, "bias_multiplier": 10.0, "pos_weight": 2.0, "hard_threshold": -1.0001,
                         "easy_threshold": -1.2, "retrain_limit": 2000, "max_cache": 20000, "neg_threshold": 0.3,
                         "feature_norm": 20.0, "max_iter": 5000, **(svm or {})}
@@ -217,8 +238,12 @@ class RCNNModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.ft["lr"], momentum=self.ft["momentum"], weight_decay=self.ft["weight_decay"])
+        # the fresh (N+1)-way layer learns faster than the pretrained ones (the original's fc8: lr x10)
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        body = [p for p in self.backbone.parameters() if p.requires_grad]
+        lr = self.ft["lr"]
+        groups = [{"params": head, "lr": lr * float(self.ft["head_lr_mult"])}] + ([{"params": body, "lr": lr}] if body else [])
+        opt = torch.optim.SGD(groups, lr=lr, momentum=self.ft["momentum"], weight_decay=self.ft["weight_decay"])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(self.ft["step_epochs"]), gamma=self.ft["gamma"])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
@@ -238,6 +263,36 @@ class RCNNModule(L.LightningModule):
         info["seconds"] = time.perf_counter() - t0
         info["loss"] = float(trainer.callback_metrics.get("finetune/loss_epoch", float("nan")))
         return info
+
+    @torch.inference_mode()
+    def window_accuracy(self, data: ImageSet, mean, std, batches: int = 8) -> dict:
+        """Accuracy of the (N+1)-way head on ``batches`` fine-tuning-style minibatches (32 positive + 96
+        background windows) of ``data``, in eval mode: overall, on positive windows (the right class among
+        N + 1) and on background windows. Run on held-out (val) images it says whether fine-tuning learned
+        to recognise the objects rather than the training windows."""
+        labels = [assign_labels(b, g["boxes"], g["labels"], self.ft["fg_threshold"])[0]
+                  for b, g in zip(data.boxes, data.gt, strict=True)]
+        windows = WindowBatches(data, labels, batches, self.ft["positives"], self.ft["background"], self.size,
+                                self.pad, mean, std, self.hparams.seed + 7919)
+        was_training = self.training
+        self.eval()
+        hit, ys = [], []
+        for k in range(len(windows)):
+            x, y = windows[k]
+            with self._autocast():
+                pred = self(x.to(self.device)).float().argmax(1).cpu()
+            hit.append(pred == y)
+            ys.append(y)
+        self.train(was_training)
+        if not hit:
+            return {}
+        hit, ys = torch.cat(hit).float(), torch.cat(ys)
+        fg = ys > 0
+
+        def mean_of(m):
+            return float(hit[m].mean()) if m.any() else float("nan")
+
+        return {"acc": float(hit.mean()), "fg_acc": mean_of(fg), "bg_acc": mean_of(~fg), "windows": int(len(ys))}
 
     # -- features ---------------------------------------------------------------------------------------
     def _autocast(self):
@@ -402,6 +457,58 @@ class RCNNModule(L.LightningModule):
                image_size: tuple[int, int]) -> dict:
         return detect_boxes(boxes, scores, reg_boxes, image_size, self.hparams.nms_threshold, self.hparams.max_per_image)
 
+    # -- analysis figures (thesis Figures 3.4 and 3.5) -------------------------------------------------
+    def analysis_figures(self, test: ImageSet, pool5_test: np.ndarray, detections: list[dict],
+                         class_names: list[str], output_dir: Path, info: dict) -> dict:
+        """``pool5_units.png``: the top regions of six pool5 units over the test proposals (Figure 3.4);
+        ``fp_breakdown.png``: the false positives of the headline detector by type (Figure 3.5)."""
+        from callbacks.image_grid import save_image_grid
+        from transferrable.detection_analysis import (
+            FP_TYPES,
+            SCENE_GROUPS,
+            false_positive_types,
+            plot_false_positive_breakdown,
+            top_regions_per_unit,
+        )
+
+        out = {}
+        grid = self.pool5_grid
+        units = [int(u) for u in self.hparams.pool5_units] if self.hparams.pool5_units else \
+            choose_pool5_units(pool5_test, grid)
+        image_index = np.concatenate([np.full(len(b), i) for i, b in enumerate(test.boxes)]).astype(np.int64)
+        boxes = np.concatenate(test.boxes).astype(np.float32)
+        top = int(self.hparams.draw_top_regions)
+        rows = top_regions_per_unit(pool5_test, image_index, boxes, units, top=top)
+        tiles, titles = [], []
+        side = 48
+        for u, picks in zip(units, rows, strict=True):
+            c, cell = divmod(u, grid * grid)
+            for r in picks:
+                img = test.images[image_index[r]]
+                x1, y1, x2, y2 = np.round(boxes[r]).astype(int)
+                crop = img[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)]
+                tiles.append(cv2_resize(crop, side))
+                titles.append(f"c{c}@{divmod(cell, grid)} {float(pool5_test[r, u]):.1f}")
+            tiles += [np.full((side, side, 3), 255, np.uint8)] * (top - len(picks))
+            titles += [""] * (top - len(picks))
+        path = save_image_grid(np.stack(tiles), output_dir / "pool5_units.png", nrow=top, titles=titles)
+        out["rcnn/pool5_units"] = path
+        info["pool5_units"] = {"units": units, "grid": grid}
+        # false-positive breakdown
+        groups = SCENE_GROUPS if set(sum(SCENE_GROUPS.values(), [])) <= set(class_names) else {"all": class_names}
+        similar = [[class_names.index(n) for n in g if n in class_names] for g in groups.values()]
+        types = false_positive_types(detections, test.gt, self.num_classes, similar)
+        npos = [int(sum(int(((np.asarray(g["labels"]) == c) & ~np.asarray(g["difficult"], bool)).sum())
+                        for g in test.gt)) for c in range(self.num_classes)]
+        # as Hoiem et al.: the top-ranked false positives, up to as many as the class has objects
+        within = [t[: max(n, 1)] for t, n in zip(types, npos, strict=True)]
+        flat = [t for ts in within for t in ts]
+        info["false_positives_top_npos"] = {t: flat.count(t) for t in FP_TYPES}
+        out["rcnn/fp_breakdown"] = plot_false_positive_breakdown(
+            types, class_names, groups, output_dir / "fp_breakdown.png",
+            title=f"false positives of {self.backbone.arch} R-CNN by type (Loc / Sim / Oth / BG)")
+        return out
+
     # -- the whole task ------------------------------------------------------------------------------
     def run_task(self, trainer: L.Trainer, datamodule, output_dir: str | Path) -> dict:
         from transferrable.atomic import atomic_write_json
@@ -456,12 +563,29 @@ class RCNNModule(L.LightningModule):
         metrics["rcnn/proposal_recall"] = float(np.mean(recall)) if recall else float("nan")
 
         # 2. fine-tuning
+        if hp.grayscale_source:
+            info["conv1_colour_removed"] = fold_conv1_colour(self.backbone)
+            log.info("rcnn: grayscale source: conv1 folded to colour-blind filters (%.0f%% of its weight norm "
+                     "was untrained colour noise)", 100 * info["conv1_colour_removed"])
         finetuned = self.backbone_trainable()
         log.info("rcnn: %d train images (%.0f proposals each), %d test; proposal recall@0.5 %.3f; fine-tuning: %s",
                  len(train), info["proposals_per_image"]["train"], len(test), metrics["rcnn/proposal_recall"],
                  finetuned or "softmax" in self.scorings)
         if finetuned or "softmax" in self.scorings:
             info["finetune"] = self.finetune(trainer, train, mean, std)
+            if int(hp.finetune_eval_batches) > 0 and not info["finetune"].get("skipped"):
+                # is the (N+1)-way head recognising objects, or only the training windows?
+                held = {"train": train}
+                if datamodule.datasets.get("val") is not None:
+                    held["val"] = load(["val"], hp.max_test_images, True, "val")
+                for split, data in held.items():
+                    acc = self.window_accuracy(data, mean, std, int(hp.finetune_eval_batches))
+                    info["finetune"][f"{split}_windows"] = acc
+                    for k in ("acc", "fg_acc", "bg_acc"):
+                        if k in acc:
+                            metrics[f"rcnn/finetune/{split}_{k}"] = acc[k]
+                log.info("rcnn: fine-tuned head accuracy %s", {k: round(v, 3) for k, v in metrics.items()
+                                                               if k.startswith("rcnn/finetune/")})
         self.eval()
         self._digest = state_digest(self)
         # 3. pool5 for all regions
@@ -550,8 +674,8 @@ class RCNNModule(L.LightningModule):
                      f"mAP_07 = 11-point), backbone {self.backbone.arch}, feature_mode={hp.feature_mode}",
             "corner": "variant", "columns": [*class_names, "mAP", "mAP_07"],
             "rows": [{"label": f"R-CNN {tag}{k.replace('svm/', '').replace('+bb', ' BB')}",
-                      "cells": [None if not math.isfinite(a) else [100 * a, 0.0] for a in r["ap"]]
-                      + [[100 * r["mAP"], 0.0], [100 * r["mAP_07"], 0.0]]} for k, r in results.items()],
+                      "cells": [None if not math.isfinite(a) else [100 * a] for a in r["ap"]]
+                      + [[100 * r["mAP"]], [100 * r["mAP_07"]]]} for k, r in results.items()],
         }
         atomic_write_json(output_dir / "tables.json", [table])
         atomic_write_json(output_dir / "rcnn_results.json", {
@@ -567,8 +691,31 @@ class RCNNModule(L.LightningModule):
                                                             output_dir / "detections.png", hp.draw_images, hp.draw_top)
             except Exception as err:  # noqa: BLE001 - a drawing failure must not lose the results
                 log.warning("could not draw detections: %s", err)
+        if hp.analysis:
+            try:
+                images.update(self.analysis_figures(test, pool5_test, variants[main]["detections"], class_names,
+                                                    output_dir, info))
+            except Exception as err:  # noqa: BLE001 - a figure failure must not lose the results
+                log.warning("could not draw the analysis figures: %s", err)
+            atomic_write_json(output_dir / "rcnn_results.json", {
+                **json.loads((output_dir / "rcnn_results.json").read_text()), "info": info})
         _log(trainer, metrics, images)
         return metrics
+
+
+def pool5_unit_index(channel: int, y: int, x: int, grid: int) -> int:
+    """Column of a pool5 row (flattened C x grid x grid) for channel ``channel`` at cell (y, x)."""
+    return int(channel) * grid * grid + int(y) * grid + int(x)
+
+
+def choose_pool5_units(pool5: np.ndarray, grid: int, count: int = 6) -> list[int]:
+    """``count`` units at the centre cell of the pool5 grid (as the thesis shows units at (3, 3) of 6 x 6),
+    the channels whose activation varies most over the regions (dead or constant units show nothing)."""
+    channels = pool5.shape[1] // (grid * grid)
+    cols = [pool5_unit_index(c, grid // 2, grid // 2, grid) for c in range(channels)]
+    sample = np.asarray(pool5[: min(len(pool5), 50000)][:, cols], np.float32)
+    best = np.argsort(-sample.std(0), kind="stable")[:count]
+    return [cols[int(b)] for b in best]
 
 
 def detect_boxes(boxes: np.ndarray, scores: np.ndarray, reg_boxes: list[np.ndarray] | None,
@@ -591,6 +738,12 @@ def detect_boxes(boxes: np.ndarray, scores: np.ndarray, reg_boxes: list[np.ndarr
         b, s, lab = torch.from_numpy(all_boxes[ok]), torch.from_numpy(s[ok].astype(np.float32)), torch.from_numpy(labels[ok])
         keep = batched_nms(b, s, lab, float(nms_threshold))[: int(max_per_image)]
         return {"boxes": b[keep].numpy(), "scores": s[keep].numpy(), "labels": lab[keep].numpy()}
+
+
+def cv2_resize(image: np.ndarray, side: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(np.ascontiguousarray(image), (side, side), interpolation=cv2.INTER_LINEAR)
 
 
 def render_ap_table(table: dict) -> str:

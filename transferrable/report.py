@@ -5,7 +5,8 @@ beside it; rows are labelled by the overrides that differ between runs, columns 
 
 A run may also write ``tables.json``: tables shaped like the thesis's (e.g. DeCAF's Figure 2.3 left,
 classifier x feature), each ``{"title", "corner", "columns", "rows": [{"label", "cells": [[mean, std] |
-null, ...]}], ["bold": [row, col]]}`` with cells in percent. The report prints them after the run table.
+[value] | null, ...]}], ["bold": [row, col]]}`` with cells in percent; a one-element cell is a single run's
+value and prints without a (fake) std. The report prints them after the run table.
 """
 
 from __future__ import annotations
@@ -68,14 +69,19 @@ def markdown_table(runs: list[dict], metrics: Sequence[str] | None = None) -> st
 
 
 def render_table(table: dict) -> str:
-    """One ``tables.json`` table as Markdown: ``mean ± std`` cells, the ``bold`` cell in bold."""
+    """One ``tables.json`` table as Markdown: ``mean ± std`` (or single-value) cells, the ``bold`` cell in bold."""
     bold = tuple(table.get("bold") or ())
     lines = [f"**{table['title']}**", "", "| " + " | ".join([table.get("corner", ""), *table["columns"]]) + " |",
              "|" + "---|" * (len(table["columns"]) + 1)]
     for i, row in enumerate(table["rows"]):
         cells = []
         for j, c in enumerate(row["cells"]):
-            text = "-" if c is None else f"{c[0]:.2f} ± {c[1]:.2f}"
+            if c is None:
+                text = "-"
+            elif len(c) < 2 or c[1] is None:
+                text = f"{c[0]:.2f}"
+            else:
+                text = f"{c[0]:.2f} ± {c[1]:.2f}"
             cells.append(f"**{text}**" if (i, j) == bold else text)
         lines.append("| " + " | ".join([row["label"], *cells]) + " |")
     return "\n".join(lines) + "\n"

@@ -62,6 +62,32 @@ def warp_regions(image: np.ndarray | torch.Tensor, boxes: np.ndarray | torch.Ten
                      aligned=True)
 
 
+def warp_regions_multi(images: Sequence[torch.Tensor], boxes: Sequence[np.ndarray], size: int, pad: float,
+                       sampling_ratio: int = 2) -> torch.Tensor:
+    """``warp_regions`` for boxes of many (normalised 1 x 3 x H x W) images, in the order given: images of one
+    shape share a single ``roi_align`` call (a call costs milliseconds however few boxes it warps, and a
+    fine-tuning minibatch draws its 128 windows from up to 128 images)."""
+    from torchvision.ops import roi_align
+
+    counts = [len(b) for b in boxes]
+    out = images[0].new_zeros((sum(counts), 3, size, size)) if images else torch.zeros((0, 3, size, size))
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, x in enumerate(images):
+        if counts[i]:
+            by_shape.setdefault(tuple(x.shape), []).append(i)
+    with torch.no_grad():
+        for members in by_shape.values():
+            stack = torch.cat([images[i] for i in members])
+            rois = torch.cat([torch.cat([torch.full((counts[i], 1), float(k)), context_boxes(boxes[i], size, pad)], 1)
+                              for k, i in enumerate(members)])
+            warped = roi_align(stack, rois, output_size=(size, size), spatial_scale=1.0,
+                               sampling_ratio=sampling_ratio, aligned=True)
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+            out[torch.from_numpy(rows)] = warped
+    return out
+
+
 def assign_labels(boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray, fg_threshold: float = 0.5,
                   background: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fine-tuning labels (appendix 3.4.2): each box takes the class of the ground-truth box it overlaps
@@ -89,3 +115,23 @@ def class_max_iou(boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray
     for c in np.unique(gt_labels):
         out[:, int(c)] = iou[:, np.asarray(gt_labels) == c].max(1)
     return out
+
+
+def fold_conv1_colour(backbone: torch.nn.Module) -> float:
+    """Make the first 3-channel convolution colour-blind: each filter's R, G, B slices become their mean.
+
+    A representation pretrained on grayscale images (Fashion-MNIST replicated to RGB) only ever saw R = G = B,
+    so only the channel sum of each conv1 filter was trained; the differences between its channel slices are
+    leftovers of the random initialisation. On grayscale inputs they cancel, but on coloured regions (the
+    recoloured scene objects) they add untrained colour-opponent responses to every unit above. Replacing the
+    slices by their mean leaves every response to a grayscale image unchanged and lets a colour image through
+    as its channel mean. Returns the relative size of the removed part (0 when already folded)."""
+    conv = next((m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3), None)
+    if conv is None:
+        raise ValueError("fold_conv1_colour: the backbone has no 3-channel convolution")
+    with torch.no_grad():
+        w = conv.weight
+        mean = w.mean(1, keepdim=True)
+        removed = float((w - mean).norm() / w.norm().clamp_min(1e-12))
+        w.copy_(mean.expand_as(w))
+    return removed
