@@ -383,12 +383,6 @@ class RCNNSegmentationModule(L.LightningModule):
                 del Xtr
                 t_fit = time.perf_counter() - t0
                 S = {k: self.variant_matrix(feats[k], kind, layer) * scale @ W.T + b for k in ("val", "test")}
-                import os
-                if os.environ.get("SEGDEBUG"):
-                    Str = self.variant_matrix(feats["train"], kind, layer) * scale @ W.T + b
-                    for nm, SS, TT in (("train", Str, targets["train"]), ("val", S["val"], targets["val"])):
-                        cc = [np.corrcoef(SS[:, c], TT[:, c])[0, 1] for c in range(self.num_classes)]
-                        print(name, nm, "corr", np.round(cc, 2), "max pred", np.round(SS.max(0), 2), "max t", np.round(TT.max(0), 2))
                 th, val_miou = self.choose_thresholds(splits["val"], S["val"])
                 cm = self.evaluate(splits["test"], S["test"], th)
                 variants[name] = {"iou": cm.iou().tolist(), "mean_iou": cm.mean_iou(), "val_mean_iou": val_miou,

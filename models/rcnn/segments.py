@@ -92,13 +92,12 @@ def hierarchical_grouping(feat: np.ndarray, labels: np.ndarray) -> tuple[list[np
     h, w = labels.shape
     area_img = float(h * w)
     size = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
-    ys, xs = np.mgrid[0:h, 0:w]
-    lab = labels.ravel()
-    box = np.stack([np.full(n, w), np.full(n, h), np.zeros(n), np.zeros(n)], 1).astype(np.float64)
-    np.minimum.at(box[:, 0], lab, xs.ravel())
-    np.minimum.at(box[:, 1], lab, ys.ravel())
-    np.maximum.at(box[:, 2], lab, xs.ravel() + 1)
-    np.maximum.at(box[:, 3], lab, ys.ravel() + 1)
+    from scipy.ndimage import find_objects
+
+    box = np.zeros((n, 4), np.float64)
+    for i, sl in enumerate(find_objects(labels + 1)):
+        if sl is not None:
+            box[i] = [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop]
     hist = list(_colour_histograms(feat, labels, n))
     size, box = list(size), list(box)
     members: list[np.ndarray] = [np.array([i]) for i in range(n)]
@@ -207,14 +206,15 @@ class SegmentProposals:
         for feat, labels in self.base_segments(image):
             members, levels = hierarchical_grouping(feat, labels)
             n = int(labels.max()) + 1
-            onehot = np.zeros((n, h * w), bool)
-            onehot[labels.ravel(), np.arange(h * w)] = True
-            sizes = onehot.sum(1)
+            sizes = np.bincount(labels.ravel(), minlength=n)
+            flat = labels.ravel()
             for mem, level in zip(members, levels, strict=True):
                 u = rng.random()  # drawn for every region, so the ranking does not depend on which are kept
                 if sizes[mem].sum() < min_pixels:
                     continue
-                m = onehot[mem].any(0)
+                member = np.zeros(n, bool)
+                member[mem] = True
+                m = member[flat]
                 key = hashlib.sha1(np.packbits(m).tobytes()).digest()
                 if key in seen:
                     continue
