@@ -293,3 +293,30 @@ def test_rcnn_segmentation_configs_compose(overrides):
     assert cfg.rcnn_segmentation.segments.max_regions == 150
     assert list(cfg.rcnn_segmentation.features) == ["full", "fg", "full+fg"]
     assert list(cfg.rcnn_segmentation.layers) == ["fc6", "fc7"]
+
+
+def test_sbd_extra_annotations_join_train_but_never_test(tmp_path):
+    from PIL import Image
+    from scipy.io import savemat
+
+    from datamodules.voc_segmentation import VOCSegmentationDataModule
+
+    m = np.zeros((8, 12), np.uint8)
+    m[2:6, 3:9] = 2
+    voc = _write_voc(tmp_path / "VOC", [m, m])  # im0, im1 in train and val (= test here)
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("im0\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("im1\n")
+    sbd = tmp_path / "sbd"
+    for sub in ("img", "cls", "inst"):
+        (sbd / sub).mkdir(parents=True)
+    for image_id in ("im1", "s1", "s2"):  # im1 is a test image: must not join train
+        Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(sbd / "img" / f"{image_id}.jpg")
+        savemat(sbd / "cls" / f"{image_id}.mat", {"GTcls": {"Segmentation": m}})
+        savemat(sbd / "inst" / f"{image_id}.mat", {"GTinst": {"Segmentation": (m > 0).astype(np.uint8)}})
+    (sbd / "train.txt").write_text("im1\ns1\ns2\n")
+    dm = VOCSegmentationDataModule(voc, classes=["a", "b"], sbd_dir=sbd)
+    dm.setup()
+    assert [r.image_id for r in dm.datasets["train"].records] == ["im0", "s1", "s2"]
+    assert dm.summary["sbd_images"] == 2 and [r.image_id for r in dm.datasets["test"].records] == ["im1"]
+    item = dm.datasets["train"][2]
+    assert item["mask"][3, 4] == 2 and item["instances"][3, 4] == 1 and item["labels"].tolist() == [1]
