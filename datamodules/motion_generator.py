@@ -173,21 +173,21 @@ def _trajectory(action: str, rng: np.random.Generator, n: int, w: int, h: int, s
     only the order of the frames differs."""
     t = np.linspace(0.0, 1.0, n)
     steps = np.arange(n, dtype=np.float64)
-    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.4, 0.6)
+    cx, cy = w * rng.uniform(0.42, 0.58), h * rng.uniform(0.42, 0.58)
     x, y = np.full(n, cx), np.full(n, cy)
     angle = np.full(n, rng.uniform(-25, 25))
     scale = np.ones(n)
     if action in ("MoveLeft", "MoveRight"):
-        travel = w * rng.uniform(0.35, 0.55)
+        travel = w * rng.uniform(0.5, 0.7)
         x = cx + travel * (t - 0.5) * (1 if action == "MoveRight" else -1)
     elif action in ("MoveUp", "MoveDown"):
-        travel = h * rng.uniform(0.35, 0.55)
+        travel = h * rng.uniform(0.5, 0.7)
         y = cy + travel * (t - 0.5) * (1 if action == "MoveDown" else -1)
     elif action in ("RotateClockwise", "RotateCounterClockwise"):
-        omega = rng.uniform(8, 14) * (-1 if action == "RotateClockwise" else 1)
+        omega = rng.uniform(10, 16) * (-1 if action == "RotateClockwise" else 1)
         angle = rng.uniform(-180, 180) + omega * (steps - n / 2)
     elif action in ("Grow", "Shrink"):
-        ratio = rng.uniform(1.8, 2.4)
+        ratio = rng.uniform(2.2, 3.0)
         scale = ratio ** ((t - 0.5) * (1 if action == "Grow" else -1))
     elif action == "Bounce":  # vertical hops off a floor, no net movement
         period = rng.uniform(7, 11)
@@ -230,7 +230,7 @@ def _background(rng: np.random.Generator, photos: dict, names: list[str], w: int
     cw, ch = side, int(side * h / w)
     x0, y0 = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
     patch = cv2.resize(photo[y0:y0 + ch, x0:x0 + cw], (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
-    return 0.55 * patch + 0.45 * 90.0  # lower contrast, so the object stays the salient thing
+    return 0.35 * patch + 0.65 * 90.0  # lower contrast, so the object stays the salient thing
 
 
 def render_video(params: dict, class_index: int, group: int, clip: int, items: np.ndarray,

@@ -29,10 +29,12 @@ class MovingObjectsDataModule(UCF101DataModule):
         noise: float = 4.0,
         object_size: Sequence[float] = (0.35, 0.5),
         source_dir: str | Path = FASHION_MNIST_DIR,
+        mirror: bool = False,
         **kwargs,
     ):
         kwargs.pop("data_dir", None)
-        super().__init__(data_dir=None, **kwargs)
+        # the labels are left/right and clockwise/counter-clockwise: a mirrored clip would carry the wrong label
+        super().__init__(data_dir=None, mirror=mirror, **kwargs)
         self.motion_root = Path(os.path.expanduser(str(root)))
         self.generation = {
             "classes": None if actions is None else list(actions), "n_groups": n_groups,

@@ -1,6 +1,7 @@
 """LRCN for activity recognition (thesis 4.2-4.3): a per-frame CNN (weights tied across time) read at a tap
 (fc6), dropout, an LSTM, dropout and a linear layer giving class scores at every time step.
 
+The CNN's own dropout at the tap is switched off: ``feature_dropout`` (0.9 in the thesis) is the dropout there.
 ``sequence_model="none"`` is the single-frame baseline: the same CNN and tap, a linear layer per frame, no
 recurrence (scores are averaged over frames by the caller, as LRCN's are)."""
 
@@ -22,6 +23,9 @@ class LRCN(nn.Module):
             raise ValueError(f"lrcn.sequence_model={sequence_model!r}: expected one of {list(SEQUENCE_MODELS)}")
         backbone.check_taps([tap])
         self.backbone, self.tap, self.sequence_model = backbone, tap, sequence_model
+        for m in backbone.stages[tap].modules():  # LRCN's own dropout after the tap replaces the CNN's there
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
         dim = backbone.feature_dim(tap)
         self.feature_dropout = nn.Dropout(feature_dropout)
         if sequence_model == "lstm":
