@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import compose_train, point_paths_at
 
 from lightning_modules.lrcn import (
     LRCNActivityModule,
@@ -19,7 +20,6 @@ from lightning_modules.lrcn import (
 )
 from models.backbones import CaffeNetMini
 from models.lrcn import LRCN, clip_starts
-from tests.conftest import compose_train, point_paths_at
 from transferrable.lrcn_report import fuse, fusion_line
 from transferrable.report import write_report
 from transferrable.runner import train
