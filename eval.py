@@ -2,6 +2,7 @@
 
 ``python eval.py ckpt_path=logs/classify/runs/<run>/checkpoints/last.ckpt``
 ``python eval.py report=logs/classify/multiruns/<sweep> metrics=[test/acc]``
+``python eval.py fuse=[<rgb run>,<flow run>]`` (LRCN late fusion of two runs' per-video test scores)
 """
 
 import os
@@ -27,12 +28,18 @@ def main(cfg: DictConfig) -> None:
 
         print(write_report(cfg.report, cfg.get("metrics")), end="")
         print(f"(written to {Path(cfg.report) / 'report.md'})")
+    elif cfg.get("fuse"):
+        from transferrable.lrcn_report import fusion_line
+
+        if len(cfg.fuse) != 2:
+            raise SystemExit("fuse=[<rgb run dir or video_scores.npz>,<flow run dir or video_scores.npz>]")
+        print(fusion_line(*cfg.fuse), end="")
     elif cfg.get("ckpt_path"):
         from transferrable.runner import evaluate_checkpoint
 
         evaluate_checkpoint(cfg)
     else:
-        raise SystemExit("eval.py needs ckpt_path=<checkpoint> or report=<multirun dir>")
+        raise SystemExit("eval.py needs ckpt_path=<checkpoint>, report=<multirun dir> or fuse=[<rgb run>,<flow run>]")
 
 
 if __name__ == "__main__":

@@ -103,11 +103,22 @@ def run_tables(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def sweep_table_builders():
+    """Tables built across the runs of a sweep (e.g. LRCN's RGB + flow fusion): ``fn(runs) -> Markdown``."""
+    from transferrable.lrcn_report import activity_tables
+
+    return [activity_tables]
+
+
 def write_report(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> str:
     runs = collect_runs(sweep_dir)
     table = markdown_table(runs, metrics)
     extra = run_tables(runs)
     if extra:
         table += "\n" + extra
+    for build in sweep_table_builders():
+        sweep = build(runs)
+        if sweep:
+            table += "\n" + sweep
     atomic_write_text(Path(sweep_dir) / "report.md", table)
     return table
