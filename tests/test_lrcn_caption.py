@@ -17,7 +17,7 @@ from datamodules.caption_generator import NOUNS, caption_params, scene_captions,
 from datamodules.coco_captions import COCOCaptionsDataModule
 from datamodules.scene_generator import generate_scenes, scene_params
 from models.lrcn_caption import LRCNCaptioner
-from transferrable.caption_eval import JavaMissingWarning, caption_metrics, retrieval_metrics
+from transferrable.caption_eval import JavaMissingWarning, MeteorSession, caption_metrics, retrieval_metrics
 from transferrable.vocabulary import BOS, EOS, PAD, UNK, Vocabulary, VocabularyMismatchError, tokenize
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -243,8 +243,16 @@ def test_caption_metrics_match_pycocoevalcap_with_java():
     res = tok.tokenize({k: [{"caption": v}] for k, v in hyps.items()})
     assert m["BLEU-4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
     assert m["CIDEr-D"] == pytest.approx(Cider().compute_score(gts, res)[0])
-    py = caption_metrics(refs, hyps, java=False)  # the Python tokenizer gives the same tokens here
+    with pytest.warns(JavaMissingWarning):
+        py = caption_metrics(refs, hyps, java=False)  # the Python tokenizer gives the same tokens here
     assert py["CIDEr-D"] == pytest.approx(m["CIDEr-D"]) and py["BLEU-4"] == pytest.approx(m["BLEU-4"])
+    # METEOR (Java): an exact match scores near 1, a caption sharing no word 0
+    with MeteorSession() as session:  # one Java process for both
+        exact = caption_metrics({0: ["a red coat on the grass"]}, {0: "a red coat on the grass"}, meteor_scorer=session)
+        none = caption_metrics({0: ["a red coat on the grass"]}, {0: "two dogs"}, meteor_scorer=session)
+        session.close()
+    assert exact["meteor_available"] == 1 and exact["METEOR"] > 0.9
+    assert none["METEOR"] == pytest.approx(0.0, abs=1e-6)
 
 
 # -- retrieval --------------------------------------------------------------------------------------
@@ -291,7 +299,12 @@ def test_tiny_training_beats_baselines_and_checkpoint_round_trip(make_cfg, items
     # the trained model's test captions beat the most frequent training caption and the untrained model
     assert metrics["test/CIDEr-D"] > 2 * metrics["test/baseline_frequent/CIDEr-D"] + 0.05
     assert metrics["test/BLEU-4"] > metrics["test/baseline_frequent/BLEU-4"]
-    untrained = train(_caption_cfg(make_cfg, items_dir, tmp_path, "trainer.max_epochs=0", out="untrained"))
+    # untrained, and evaluated as if Java were missing: METEOR unavailable, the other metrics still there
+    with pytest.warns(JavaMissingWarning):
+        untrained = train(_caption_cfg(make_cfg, items_dir, tmp_path, "trainer.max_epochs=0", "lrcn.metrics.java=false",
+                                       "lrcn.metrics.meteor=all", out="untrained"))
+    assert math.isnan(untrained["test/METEOR"]) and untrained["test/meteor_available"] == 0
+    assert math.isfinite(untrained["test/CIDEr-D"]) and math.isfinite(untrained["test/beam3/BLEU-4"])
     assert metrics["test/CIDEr-D"] > untrained["test/CIDEr-D"] + 0.05
     tables = json.loads((run / "tables.json").read_text())
     assert [t["title"].split(" (")[0] for t in tables[:2]] == ["Retrieval", "Generation"]
@@ -303,3 +316,20 @@ def test_tiny_training_beats_baselines_and_checkpoint_round_trip(make_cfg, items
     with pytest.raises(VocabularyMismatchError, match="ckpt_path"):
         train(_caption_cfg(make_cfg, items_dir, tmp_path, f"ckpt_path={ckpt}", "dataset.vocab_min_count=1",
                            out="mismatch"))
+
+
+def test_report_merges_per_run_tables(tmp_path):
+    from transferrable.report import write_report
+
+    for i, label in enumerate(["RNN 1u (frozen)", "LSTM 2f (frozen)"]):
+        run = tmp_path / str(i)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- lrcn.unit={['rnn', 'lstm'][i]}\n")
+        (run / "metrics.json").write_text(json.dumps({"test/CIDEr-D": 0.1 * (i + 1)}))
+        (run / "tables.json").write_text(json.dumps([{"title": "Generation", "corner": "model", "columns": ["CIDEr-D"],
+                                                      "rows": [{"label": label, "cells": [[10.0 * (i + 1)]]}],
+                                                      "merge_runs": True}]))
+    text = write_report(tmp_path)
+    merged = text.split("**Generation**", 1)[1]
+    assert "| RNN 1u (frozen) | 10.00 |" in merged and "| LSTM 2f (frozen) | 20.00 |" in merged
+    assert text.count("**Generation**") == 1

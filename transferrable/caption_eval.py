@@ -63,9 +63,11 @@ def caption_metrics(references: Mapping[object, Sequence[str]], hypotheses: Mapp
         warnings.warn("Java is not available: METEOR is reported as unavailable (NaN) and captions are tokenised "
                       "in Python instead of the PTB tokenizer; BLEU, ROUGE-L and CIDEr-D are still computed",
                       JavaMissingWarning, stacklevel=2)
-    ids = {k: i for i, k in enumerate(keys)}
-    gts = _tokenize({ids[k]: list(references[k]) for k in keys}, use_java)
-    res = _tokenize({ids[k]: [hypotheses[k]] for k in keys}, use_java)
+    # one tokenizer call (one Java start) for references and hypotheses together
+    both = _tokenize({**{("ref", i): list(references[k]) for i, k in enumerate(keys)},
+                      **{("hyp", i): [hypotheses[k]] for i, k in enumerate(keys)}}, use_java)
+    gts = {i: both[("ref", i)] for i in range(len(keys))}
+    res = {i: both[("hyp", i)] for i in range(len(keys))}
     # the scorers assert one non-empty hypothesis; an empty caption is scored as the empty string
     res = {k: [v[0] if v and v[0] else ""] for k, v in res.items()}
     out: dict[str, float] = {}
