@@ -227,6 +227,10 @@ def test_caption_metrics_hand_computed_without_java(monkeypatch):
     r0 = (1 + 1.2**2) * 1 * 0.5 / (0.5 + 1.2**2 * 1)
     assert m["ROUGE-L"] == pytest.approx((r0 + 1) / 2, rel=1e-6)
     assert m["CIDEr-D"] > 0
+    # an empty generated caption scores 0 for its image; a hypothesis without references is left out
+    with pytest.warns(JavaMissingWarning):
+        e = caption_metrics({0: ["a dog"], 1: ["a cat"]}, {0: "", 1: "a cat", 2: "a bird"})
+    assert e["ROUGE-L"] == pytest.approx(0.5) and e["images_without_references"] == 1
 
 
 @needs_java
