@@ -153,6 +153,16 @@ class LRCNCaptionModule(L.LightningModule):
         loss = self.decoder.loss(self.image_features(x), tokens)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(tokens))
 
+    _EVAL_HINT = ("task=lrcn_caption evaluates inside its own run: use `python train.py task=lrcn_caption "
+                  "train=false ckpt_path=<checkpoint>` (with the run's overrides)")
+
+    def setup(self, stage: str) -> None:
+        if stage == "test" and self.decoder is None:  # eval.py ckpt_path=... goes through trainer.test
+            raise ConfigError(self._EVAL_HINT)
+
+    def test_step(self, batch, batch_idx):
+        raise ConfigError(self._EVAL_HINT)
+
     def configure_optimizers(self):
         groups = [{"params": list(self.decoder.parameters()), "lr": self.hparams.lr}]
         trainable = [p for p in self.backbone.parameters() if p.requires_grad]
