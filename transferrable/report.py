@@ -7,6 +7,8 @@ A run may also write ``tables.json``: tables shaped like the thesis's (e.g. DeCA
 classifier x feature), each ``{"title", "corner", "columns", "rows": [{"label", "cells": [[mean, std] |
 [value] | null, ...]}], ["bold": [row, col]]}`` with cells in percent; a one-element cell is a single run's
 value and prints without a (fake) std. The report prints them after the run table.
+Tables flagged ``"merge_runs": true`` (one row per run, e.g. LRCN's Table 4.5/4.6 layouts) are merged
+into one table across the runs of a sweep.
 """
 
 from __future__ import annotations
@@ -92,15 +94,24 @@ def run_tables(runs: list[dict]) -> str:
     keys = sorted({k for r in runs for k in r["overrides"]})
     varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
     out = []
+    merged: dict[str, dict] = {}
     for r in runs:
         path = Path(r["dir"]) / TABLES_FILE
         if not path.is_file():
             continue
         label = ", ".join(f"{k}={r['overrides'].get(k, '-')}" for k in varying)
-        if label:
+        tables = json.loads(path.read_text())
+        for t in tables:
+            if t.get("merge_runs"):
+                m = merged.setdefault(t["title"], {**t, "rows": []})
+                seen = {row["label"] for row in m["rows"]}  # the run's overrides only where labels repeat
+                m["rows"] += [{**row, "label": row["label"] + (f" [{label}]" if row["label"] in seen and label else "")}
+                              for row in t["rows"]]
+        rest = [t for t in tables if not t.get("merge_runs")]
+        if label and rest:
             out.append(f"### {label}\n")
-        out += [render_table(t) for t in json.loads(path.read_text())]
-    return "\n".join(out)
+        out += [render_table(t) for t in rest]
+    return "\n".join([render_table(t) for t in merged.values()] + out)
 
 
 def sweep_table_builders():
