@@ -18,7 +18,7 @@ as a 3-channel "flow image": x and y scaled so that ``flow.bound`` pixels reach 
 magnitude of the scaled flow (clipped to 128); the last frame repeats the last flow so there are as many
 flow frames as video frames.
 
-Training items are random ``clip_length``-frame clips with a random ``crop_size`` crop and (``mirror``) a random
+Training items are random ``clip_length``-frame clips with a random ``input_size`` crop and (``mirror``) a random
 horizontal flip; a flipped flow clip has its x channel negated. Validation/test items are whole videos
 (centre crop); the LRCN module cuts them into clips with ``test_stride`` and averages per video.
 
@@ -229,11 +229,11 @@ class VideoClips(Dataset):
     ``clip_length`` set: a random clip, random crop and random mirror (training); ``None``: the whole video,
     centre-cropped (evaluation)."""
 
-    def __init__(self, arrays: list[Path], labels: list[int], names: list[str], modality: str, crop_size: int,
+    def __init__(self, arrays: list[Path], labels: list[int], names: list[str], modality: str, input_size: int,
                  clip_length: int | None, min_length: int, short_policy: str, mirror: bool,
                  mean: Sequence[float], std: Sequence[float]):
         self.arrays, self.labels, self.names = arrays, np.asarray(labels, np.int64), names
-        self.modality, self.crop, self.clip_length = modality, int(crop_size), clip_length
+        self.modality, self.crop, self.clip_length = modality, int(input_size), clip_length
         self.min_length, self.short_policy, self.mirror = int(min_length), short_policy, mirror
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -247,7 +247,7 @@ class VideoClips(Dataset):
         t, h, w = frames.shape[:3]
         c = self.crop
         if h < c or w < c:
-            raise DatasetError(f"{self.names[i]}: frames {w}x{h} are smaller than crop_size {c}; raise dataset.frame_size")
+            raise DatasetError(f"{self.names[i]}: frames {w}x{h} are smaller than input_size {c}; raise dataset.frame_size")
         if self.clip_length is not None:
             start = int(torch.randint(0, t - self.clip_length + 1, ()).item())
             y0, x0 = int(torch.randint(0, h - c + 1, ()).item()), int(torch.randint(0, w - c + 1, ()).item())
@@ -284,7 +284,7 @@ class UCF101DataModule(L.LightningDataModule):
         classes: Sequence[str] | None = None,
         frame_size: Sequence[int] = (48, 36),
         max_frames: int | None = None,
-        crop_size: int = 32,
+        input_size: int = 32,
         clip_length: int = 16,
         test_stride: int = 8,
         mirror: bool = True,
@@ -315,7 +315,7 @@ class UCF101DataModule(L.LightningDataModule):
         self.split, self.modality = int(split), modality
         self.class_subset = None if classes is None else list(classes)
         self.frame_size = [int(v) for v in frame_size]
-        self.max_frames, self.crop_size = max_frames, int(crop_size)
+        self.max_frames, self.input_size = max_frames, int(input_size)
         self.clip_length, self.test_stride = int(clip_length), int(test_stride)
         self.mirror, self.val_groups = bool(mirror), int(val_groups)
         self.flow = {"method": "farneback", "bound": 20.0, **(dict(flow) if flow else {})}
@@ -382,7 +382,7 @@ class UCF101DataModule(L.LightningDataModule):
             if name != "val" and not arrays:
                 raise DatasetError(f"{self.lists_dir}: the {name} list of split {self.split} has no readable videos")
             self.splits[name] = VideoClips(
-                arrays, labels, names, self.modality, self.crop_size,
+                arrays, labels, names, self.modality, self.input_size,
                 self.clip_length if name == "train" else None, self.clip_length, self.short_videos,
                 self.mirror and name == "train", self.mean, self.std,
             )

@@ -84,7 +84,8 @@ def _fake_sweep(tmp_path, k=3, n=12):
     for j, ((seq, mod), correct) in enumerate(patterns.items()):
         d = tmp_path / str(j)
         (d / ".hydra").mkdir(parents=True)
-        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"lrcn.sequence_model={seq}", f"lrcn.modality={mod}"]))
+        overrides = [f"lrcn.sequence_model={seq}", f"lrcn.modality={mod}"] + (["lrcn.hidden_flow=64"] if mod == "flow" else [])
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))  # a flow-only knob still pairs
         scores, labels = _scores(n, k, correct, j)
         save_video_scores(d / "video_scores.npz", scores, labels, videos, classes, mod, seq)
         (d / "metrics.json").write_text(json.dumps({"test/acc": float(np.mean(correct))}))

@@ -30,7 +30,7 @@ def motion_root(tmp_path_factory, fmnist_dir) -> Path:
 
 
 def _dm(root: Path, cache: Path, **kw) -> UCF101DataModule:
-    args = {"data_dir": root, "frame_size": [24, 24], "crop_size": 20, "cache_dir": cache, "progress": False,
+    args = {"data_dir": root, "frame_size": [24, 24], "input_size": 20, "cache_dir": cache, "progress": False,
             "val_groups": 2, "batch_size": 4, **kw}
     return UCF101DataModule(**args)
 
@@ -90,7 +90,7 @@ def test_moving_objects_datamodule_generates_then_reads(fmnist_dir, tmp_path):
 
     dm = MovingObjectsDataModule(root=tmp_path / "gen", actions=["Grow", "Shrink"], clips_per_group=1,
                                  num_frames=18, video_size=24, source_dir=fmnist_dir, frame_size=[24, 24],
-                                 crop_size=20, cache_dir=tmp_path / "cache", modality="flow", progress=False)
+                                 input_size=20, cache_dir=tmp_path / "cache", modality="flow", progress=False)
     dm.setup()
     assert dm.class_names == ["Grow", "Shrink"] and dm.summary["test"] == 14
     x, _, _ = next(iter(dm.train_dataloader()))

@@ -75,13 +75,13 @@ def fusion_line(rgb_path: str | Path, flow_path: str | Path) -> str:
 
 def _groups(runs: list[dict]) -> dict[tuple, dict[tuple[str, str], dict]]:
     """Runs with scores, keyed by their other overrides (e.g. the split), then by (sequence model, modality)."""
+    scored = [r for r in runs if (Path(r["dir"]) / SCORES_FILE).is_file()]
+    # an override that only some runs carry (e.g. lrcn.hidden_flow on the flow runs) does not separate groups
+    shared = set.intersection(*(set(r["overrides"]) for r in scored)) - set(PAIR_KEYS) if scored else set()
     out: dict[tuple, dict[tuple[str, str], dict]] = defaultdict(dict)
-    for r in runs:
-        path = Path(r["dir"]) / SCORES_FILE
-        if not path.is_file():
-            continue
-        s = _load(path)
-        rest = tuple(sorted((k, v) for k, v in r["overrides"].items() if k not in PAIR_KEYS))
+    for r in scored:
+        s = _load(Path(r["dir"]) / SCORES_FILE)
+        rest = tuple(sorted((k, v) for k, v in r["overrides"].items() if k in shared))
         out[rest][(s["sequence_model"], s["modality"])] = s
     return out
 
