@@ -297,7 +297,8 @@ class RCNNSegmentationModule(L.LightningModule):
     def choose_thresholds(self, val: SegSplit, scores: np.ndarray) -> tuple[np.ndarray, float]:
         """The shared threshold from the grid with the best validation mean IoU, then one pass of per-class
         refinement (each class's threshold over the grid, the others fixed)."""
-        masks = [val.masks(i) for i in range(len(val))] if val.num_regions * 4096 < 2e9 else None
+        unpacked_bytes = sum(n * h * w for n, (h, w) in zip(val.counts, val.shapes, strict=True))
+        masks = [val.masks(i) for i in range(len(val))] if unpacked_bytes < 2e9 else None  # else unpack per use
 
         def score(th):
             return self.evaluate(val, scores, th, masks).mean_iou()
