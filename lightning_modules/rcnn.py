@@ -480,7 +480,7 @@ class RCNNModule(L.LightningModule):
         top = int(self.hparams.draw_top_regions)
         rows = top_regions_per_unit(pool5_test, image_index, boxes, units, top=top)
         tiles, titles = [], []
-        side = 48
+        side = 64
         for u, picks in zip(units, rows, strict=True):
             c, cell = divmod(u, grid * grid)
             for r in picks:
@@ -488,12 +488,13 @@ class RCNNModule(L.LightningModule):
                 x1, y1, x2, y2 = np.round(boxes[r]).astype(int)
                 crop = img[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)]
                 tiles.append(cv2_resize(crop, side))
-                titles.append(f"c{c}@{divmod(cell, grid)} {float(pool5_test[r, u]):.1f}")
+                titles.append(f"c{c} {float(pool5_test[r, u]):.1f}")  # the cell is the same for the row
             tiles += [np.full((side, side, 3), 255, np.uint8)] * (top - len(picks))
             titles += [""] * (top - len(picks))
         path = save_image_grid(np.stack(tiles), output_dir / "pool5_units.png", nrow=top, titles=titles)
         out["rcnn/pool5_units"] = path
-        info["pool5_units"] = {"units": units, "grid": grid}
+        info["pool5_units"] = {"units": units, "grid": grid,
+                               "channel_cell": [[u // (grid * grid), list(divmod(u % (grid * grid), grid))] for u in units]}
         # false-positive breakdown
         groups = SCENE_GROUPS if set(sum(SCENE_GROUPS.values(), [])) <= set(class_names) else {"all": class_names}
         similar = [[class_names.index(n) for n in g if n in class_names] for g in groups.values()]
