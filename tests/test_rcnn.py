@@ -250,8 +250,16 @@ def test_rcnn_end_to_end_beats_random_scoring(fmnist_dir, tmp_path):
     for key in ("test/mAP", "test/mAP_07", "test/svm/pool5/mAP", "test/svm/fc7+bb/mAP", "test/softmax/fc7/mAP"):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0
     assert metrics["rcnn/main"] == "svm/fc7+bb" and metrics["rcnn/finetuned"] is True
-    for f in ("rcnn_results.json", "tables.json", "detections.png"):
+    for f in ("rcnn_results.json", "tables.json", "detections.png", "pool5_units.png", "fp_breakdown.png"):
         assert (tmp_path / "run" / f).is_file()
+    for split in ("train", "val"):  # the fine-tuned head's window accuracy, held-out val images included
+        assert 0.0 <= metrics[f"rcnn/finetune/{split}_fg_acc"] <= 1.0 and 0.0 <= metrics[f"rcnn/finetune/{split}_acc"] <= 1.0
+    import json
+
+    (table,) = json.loads((tmp_path / "run" / "tables.json").read_text())
+    assert all(c is None or len(c) == 1 for r in table["rows"] for c in r["cells"])  # one run: no fake std
+    info = json.loads((tmp_path / "run" / "rcnn_results.json").read_text())["info"]
+    assert sum(info["false_positives_top_npos"].values()) >= 0 and len(info["pool5_units"]["units"]) == 6
     # the random-scoring baseline: the same proposals, NMS and evaluation, scores drawn at random
     cache = P.ProposalCache(tmp_path / "cache" / "proposals" / next(p.name for p in (tmp_path / "cache" / "proposals").iterdir()),
                             **dict(cfg.rcnn.proposals))
