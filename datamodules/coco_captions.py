@@ -141,6 +141,8 @@ def pad_captions(batch, vocab: Vocabulary):
 
 
 class COCOCaptionsDataModule(L.LightningDataModule):
+    PROVIDES_DATA = ("images", "captions")  # what tasks may ask for (transferrable/compat.py)
+
     name = "coco_captions"
     num_classes = 0
 

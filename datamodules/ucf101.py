@@ -274,6 +274,8 @@ def collate_videos(batch):
 # the DataModule
 # ---------------------------------------------------------------------------------------------------
 class UCF101DataModule(L.LightningDataModule):
+    PROVIDES_DATA = ("videos", "labels")  # what tasks may ask for (transferrable/compat.py)
+
     name = "ucf101"
 
     def __init__(

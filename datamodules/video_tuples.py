@@ -130,6 +130,8 @@ def tuple_features(rows: list[dict], kind: str) -> torch.Tensor:
 
 
 class VideoTuplesDataModule(L.LightningDataModule):
+    PROVIDES_DATA = ("tuples", "sentences")  # what tasks may ask for (transferrable/compat.py)
+
     name = "video_tuples"
     num_classes = 0
 

@@ -144,6 +144,7 @@ class VOCSegmentationDataset(Dataset):
 
 class VOCSegmentationDataModule(L.LightningDataModule):
     """Segmentation images with class (and instance) masks; ``datasets[train|val|test]`` after ``setup``."""
+    PROVIDES_DATA = ("images", "masks")  # what tasks may ask for (transferrable/compat.py)
 
     name = "voc_segmentation"
 

@@ -232,7 +232,7 @@ def _batch_sampler_loader(split: SplitTensors, batch_size: int, shuffle: bool, s
 
 # -- the module -------------------------------------------------------------------------------------
 class BiGANModule(L.LightningModule):
-    REQUIRES_DATA = ("labels",)  # 1-NN / linear-probe evaluation (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "labels")  # 1-NN / linear-probe evaluation (transferrable/compat.py)
 
     def __init__(
         self,

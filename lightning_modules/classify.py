@@ -18,7 +18,7 @@ from models.backbones import TapBackbone
 
 
 class ClassifyModule(L.LightningModule):
-    REQUIRES_DATA = ("labels",)  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "labels")  # checked against the dataset before any work (transferrable/compat.py)
 
     def __init__(
         self,

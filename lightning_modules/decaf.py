@@ -291,7 +291,7 @@ def hog_features(x: torch.Tensor, orientations: int = 9, pixels_per_cell: int = 
 
 # -- the task -----------------------------------------------------------------------------------
 class DecafModule(L.LightningModule):
-    REQUIRES_DATA = ("labels",)  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "labels")  # checked against the dataset before any work (transferrable/compat.py)
 
     def __init__(
         self,

@@ -32,6 +32,8 @@ CONFUSION_FILE = "confusion.png"
 
 
 class LRCNActivityModule(L.LightningModule):
+    REQUIRES_DATA = ("videos", "labels")  # checked against the dataset before any work (transferrable/compat.py)
+
     def __init__(
         self,
         backbone: TapBackbone,

@@ -85,6 +85,8 @@ def parse_decoders(specs) -> list[dict]:
 
 
 class LRCNCaptionModule(L.LightningModule):
+    REQUIRES_DATA = ("images", "captions")  # checked against the dataset before any work (transferrable/compat.py)
+
     def __init__(
         self,
         backbone: TapBackbone,

@@ -49,6 +49,8 @@ class TupleEncoder(nn.Module):
 
 
 class VideoDescriptionModule(L.LightningModule):
+    REQUIRES_DATA = ("tuples", "sentences")  # checked against the dataset before any work (transferrable/compat.py)
+
     def __init__(self, backbone=None, num_classes=None, input: str = "prob", hidden: int = 256, embed: int = 128,
                  dropout: float = 0.3, lr: float = 2e-3, beam: int = 3, max_len: int = 20, java: str = "auto",
                  seed: int = 0):

@@ -161,7 +161,7 @@ class WindowBatches(Dataset):
 
 
 class RCNNModule(L.LightningModule):
-    REQUIRES_DATA = ("boxes",)  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "boxes")  # checked against the dataset before any work (transferrable/compat.py)
 
     def __init__(
         self,

@@ -97,6 +97,8 @@ class SegSplit:
 
 
 class RCNNSegmentationModule(L.LightningModule):
+    REQUIRES_DATA = ("images", "masks")  # checked against the dataset before any work (transferrable/compat.py)
+
     def __init__(
         self,
         backbone: TapBackbone,

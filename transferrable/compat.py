@@ -23,10 +23,19 @@ def provided(target: str) -> set[str]:
     return set(getattr(get_class(target), "PROVIDES_DATA", ()))
 
 
+def dataset_target(name: str) -> str | None:
+    """A dataset option's ``_target_``, following its defaults list (e.g. flickr30k extends coco_captions)."""
+    node = yaml.safe_load((CONF_DIR / "dataset" / f"{name}.yaml").read_text()) or {}
+    if "_target_" in node:
+        return node["_target_"]
+    bases = [d for d in node.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    return dataset_target(bases[0]) if bases else None
+
+
 def fitting_datasets(needs: set[str]) -> list[str]:
     names = []
     for path in sorted((CONF_DIR / "dataset").glob("*.yaml")):
-        target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+        target = dataset_target(path.stem)
         try:
             if target and needs <= provided(target):
                 names.append(path.stem)
