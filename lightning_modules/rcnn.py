@@ -66,6 +66,7 @@ from models.rcnn.regions import (
     warp_regions_multi,
 )
 from models.rcnn.svm import HardNegativeMiner, norm_scale
+from transferrable.log_results import log_results
 
 log = logging.getLogger(__name__)
 
@@ -704,7 +705,7 @@ class RCNNModule(L.LightningModule):
                 log.warning("could not draw the analysis figures: %s", err)
             atomic_write_json(output_dir / "rcnn_results.json", {
                 **json.loads((output_dir / "rcnn_results.json").read_text()), "info": info})
-        _log(trainer, metrics, images)
+        log_results(trainer, metrics, images)
         return metrics
 
 
@@ -790,14 +791,3 @@ def draw_detections(data: ImageSet, dets: list[dict], class_names: list[str], pa
         tiles.append(np.asarray(img))
         titles.append(data.ids[i])
     return save_image_grid(np.stack(tiles), path, nrow=4, titles=titles)
-
-
-def _log(trainer: L.Trainer, metrics: dict, images: dict) -> None:
-    numeric = {k: float(v) for k, v in metrics.items()
-               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
-    for lg in trainer.loggers:
-        lg.log_metrics(numeric)
-        if type(lg).__name__ == "WandbLogger":
-            for key, p in images.items():
-                lg.log_image(key=key, images=[str(p)])
-        lg.save()

@@ -48,6 +48,7 @@ from models.rcnn.regions import scaled_pad
 from models.rcnn.seg_regions import paste_labels, region_quality, warp_full_and_fg
 from models.rcnn.segments import SegmentCache, SegmentProposals
 from transferrable.errors import ConfigError
+from transferrable.log_results import log_results
 from transferrable.seg_eval import ConfusionMatrix, colorize
 
 log = logging.getLogger(__name__)
@@ -435,13 +436,13 @@ class RCNNSegmentationModule(L.LightningModule):
                     test, preds, output_dir / "segmentations.png", int(hp.draw_images), main)
             except Exception as err:  # noqa: BLE001 - a drawing failure must not lose the results
                 log.warning("could not draw label maps: %s", err)
-        _log(trainer, metrics, images)
+        log_results(trainer, metrics, images)
         return metrics
 
     def tables(self, variants: dict, bg: ConfusionMatrix, class_names: list[str], dataset: str) -> list[dict]:
         tag = "detection fine-tuned" if self.hparams.finetune == "detection" else "frozen"
         cols = [f"{k.split('/')[0]} {k.split('/')[1]}" for k in variants]
-        cells = [[100 * v["mean_iou"], 0.0] for v in variants.values()]
+        cells = [[100 * v["mean_iou"]] for v in variants.values()]  # one run: no std
         best = int(np.argmax([c[0] for c in cells]))
         t35 = {"title": f"Segmentation mean accuracy (%) = mean IoU over background + {self.num_classes} classes, "
                         f"{dataset} test, backbone {self.backbone.arch} ({tag}); all-background baseline "
@@ -450,8 +451,8 @@ class RCNNSegmentationModule(L.LightningModule):
 
         def row(label, iou):
             iou = np.asarray(iou, np.float64)
-            return {"label": label, "cells": [None if not math.isfinite(v) else [100 * v, 0.0] for v in iou]
-                    + [[100 * float(np.nanmean(iou)), 0.0]]}
+            return {"label": label, "cells": [None if not math.isfinite(v) else [100 * v] for v in iou]
+                    + [[100 * float(np.nanmean(iou))]]}
 
         rows = [row(f"{k.split('/')[0]} R-CNN {k.split('/')[1]}", v["iou"]) for k, v in variants.items()]
         rows.append(row("all background (baseline)", bg.iou()))
@@ -479,14 +480,3 @@ def draw_label_maps(data: SegSplit, preds: list[np.ndarray], path: Path, n: int,
             tiles.append(np.asarray(img.convert("RGB")))
             titles.append(title)
     return save_image_grid(np.stack(tiles), path, nrow=3, titles=titles)
-
-
-def _log(trainer: L.Trainer, metrics: dict, images: dict) -> None:
-    numeric = {k: float(v) for k, v in metrics.items()
-               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
-    for lg in trainer.loggers:
-        lg.log_metrics(numeric)
-        if type(lg).__name__ == "WandbLogger":
-            for key, p in images.items():
-                lg.log_image(key=key, images=[str(p)])
-        lg.save()
