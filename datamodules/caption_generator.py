@@ -27,12 +27,13 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from transferrable.atomic import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +231,9 @@ def write_caption_dataset(out: str | Path, voc_root: str | Path, params: dict, p
         log.info("scene_captions: reusing %s", out)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     seed, n_caps = params["caption_seed"], params["captions_per_image"]
-    try:
+
+    def write(tmp: Path) -> None:
         coco = {f: {"info": {"description": "Transferrable generated captioned scenes", "version": "1"},
                     "licenses": [], "images": [], "annotations": []} for f in ("train2014", "val2014")}
         karpathy = {"dataset": "coco", "images": []}
@@ -266,17 +267,5 @@ def write_caption_dataset(out: str | Path, voc_root: str | Path, params: dict, p
         atomic_write_json(tmp / "dataset_coco.json", karpathy)
         counts = Counter(im["split"] for im in karpathy["images"])
         atomic_write_json(tmp / "manifest.json", {"params": params, "images": dict(counts), "captions": ann_id})
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if not is_complete(out, params):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return publish_dir(out, write, lambda: is_complete(out, params))

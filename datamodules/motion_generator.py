@@ -33,8 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from datamodules.scene_generator import (
     _remove_stale_tmp,
     background_photos,
 )
+from transferrable.atomic import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -325,24 +324,8 @@ def generate_motions(out_dir: str | Path, progress: bool = True, **kwargs) -> Pa
     _remove_stale_tmp(out_dir, key)
     videos = _all_videos(params)
     log.info("moving_objects: generating %d videos into %s", len(videos), root)
-    tmp = out_dir / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_dataset(tmp, params, videos, progress)
-        if is_complete(root, params):  # another process finished the same set meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-            return root
-        if root.exists():
-            shutil.rmtree(root, ignore_errors=True)
-        try:
-            tmp.rename(root)
-        except OSError:
-            if not is_complete(root, params):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    return publish_dir(root, lambda tmp: _write_dataset(tmp, params, videos, progress),
+                       lambda: is_complete(root, params))
 
 
 def _write_dataset(root: Path, params: dict, videos: list, progress: bool) -> None:

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from functools import lru_cache
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DatasetError
+from transferrable.atomic import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -290,28 +290,8 @@ def generate_scenes(
     _remove_stale_tmp(out_dir, name)
     why = "mismatched or partial" if root.exists() else "missing"
     log.info("scenes: generating %d images into %s (%s)", n_train + n_val + n_test, root, why)
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_dataset(tmp, params, name, progress)
-        if is_complete(root, params):  # another process finished the same set meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-            return root
-        old = None
-        if root.exists():
-            old = out_dir / f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            root.rename(old)
-        try:
-            tmp.rename(root)
-        except OSError:
-            if not is_complete(root, params):  # lost a race to a process generating the same set: use its copy
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    return publish_dir(root, lambda tmp: _write_dataset(tmp, params, name, progress),
+                       lambda: is_complete(root, params))
 
 
 def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> None:
