@@ -43,6 +43,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from lightning_modules.rcnn import _as_list
 from models.backbones import TapBackbone
 from models.rcnn.regions import scaled_pad
 from models.rcnn.seg_regions import paste_labels, region_quality, warp_full_and_fg
@@ -58,12 +59,6 @@ LAYERS = ("fc6", "fc7")
 REGRESSORS = ("svr", "ridge")
 FINETUNE = ("none", "detection")
 CACHE_VERSION = 1
-
-
-def _as_list(v) -> list:
-    if v is None:
-        return []
-    return [v] if isinstance(v, str) else list(v)
 
 
 class SegSplit:
