@@ -578,7 +578,11 @@ class RCNNModule(L.LightningModule):
                  len(train), info["proposals_per_image"]["train"], len(test), metrics["rcnn/proposal_recall"],
                  finetuned or "softmax" in self.scorings)
         if finetuned or "softmax" in self.scorings:
-            info["finetune"] = self.finetune(trainer, train, mean, std)
+            # fine-tuning sees every training image (as the thesis fine-tunes on all of trainval); only the
+            # SVMs' hard-negative mining, the slow part on a CPU, is limited by max_train_images
+            ft_limit = self.ft.get("max_images")
+            ft_data = train if ft_limit == hp.max_train_images else load(["train"], ft_limit, True, "finetune")
+            info["finetune"] = {"images": len(ft_data), **self.finetune(trainer, ft_data, mean, std)}
             if int(hp.finetune_eval_batches) > 0 and not info["finetune"].get("skipped"):
                 # is the (N+1)-way head recognising objects, or only the training windows?
                 held = {"train": train}
