@@ -1,4 +1,4 @@
-"""``python -m bench [--only NAME[,NAME]] [--quick] [--repeats N] [--out PATH]``
+"""``python -m bench [--only NAME[,NAME]] [--quick] [--repeats N] [--out PATH] [--param NAME=VALUE ...]``
 
 Runs the registered benchmarks, prints a Markdown table of figures with their references, ratios and
 targets, and writes the full record (machine, min/median/max of every figure) as JSON.
@@ -26,9 +26,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="results directory (default bench/results: <timestamp>.json + latest.json) or a .json file",
     )
     p.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting an entry reads (e.g. threshold=0.75 for bigan_time_to_accuracy); repeatable")
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if any("=" not in kv for kv in args.param):
+        p.error("--param takes NAME=VALUE")
     return args
 
 
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
-    ctx = registry.Context(quick=args.quick, repeats=args.repeats or (2 if args.quick else 5))
+    ctx = registry.Context(quick=args.quick, repeats=args.repeats or (2 if args.quick else 5),
+                           params=dict(kv.split("=", 1) for kv in args.param))
 
     started = datetime.now().astimezone()
     machine = report.machine_info()

@@ -52,10 +52,21 @@ def load_all() -> dict[str, Callable[[Context], list[Figure]]]:
 
 @dataclass
 class Context:
-    """What an entry is told: ``quick`` (tiny sizes, for tests) and how many timed ``repeats``."""
+    """What an entry is told: ``quick`` (tiny sizes, for tests), how many timed ``repeats``, and the
+    ``--param NAME=VALUE`` settings an entry reads with ``param``."""
 
     quick: bool = False
     repeats: int = 5
+    params: dict[str, str] = field(default_factory=dict)
+
+    def param(self, name: str, default):
+        """``--param name=...`` converted to ``default``'s type, else ``default``."""
+        if name not in self.params:
+            return default
+        try:
+            return type(default)(self.params[name])
+        except ValueError:
+            raise ValueError(f"--param {name}={self.params[name]}: expected a {type(default).__name__}") from None
 
     def log(self, msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, flush=True)

@@ -26,8 +26,10 @@ from datamodules.voc import VOCDetectionDataModule
 log = logging.getLogger(__name__)
 
 
-class ScenesDataModule(VOCDetectionDataModule):
-    name = "scenes"
+class GeneratedScenes:
+    """Mixin for a VOC-layout DataModule whose directory is the generated scenes: it takes the generation
+    parameters instead of ``data_dir``/``classes`` and generates (or reuses) the scenes before ``setup`` reads
+    them. The same parameters give the same cached directory, whichever DataModule reads it."""
 
     def __init__(
         self,
@@ -40,7 +42,7 @@ class ScenesDataModule(VOCDetectionDataModule):
         min_objects: int = 1,
         max_objects: int = 6,
         source: str = "fashion_mnist",
-        source_dir: str | Path = FASHION_MNIST_DIR,
+        source_dir: str | Path | None = None,
         void_width: int = 1,
         jpeg_quality: int = 90,
         progress: bool = True,
@@ -57,7 +59,7 @@ class ScenesDataModule(VOCDetectionDataModule):
         self.generation = {
             "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": list(image_size),
             "seed": scene_seed, "min_objects": min_objects, "max_objects": max_objects, "source": source,
-            "data_dir": source_dir, "void_width": void_width, "jpeg_quality": jpeg_quality,
+            "data_dir": source_dir or FASHION_MNIST_DIR, "void_width": void_width, "jpeg_quality": jpeg_quality,
         }
         self.progress = progress
 
@@ -73,3 +75,7 @@ class ScenesDataModule(VOCDetectionDataModule):
         if self.data_dir is None:
             self.prepare_data()  # cheap when already generated (manifest check)
         super().setup(stage)
+
+
+class ScenesDataModule(GeneratedScenes, VOCDetectionDataModule):
+    name = "scenes"

@@ -75,20 +75,23 @@ class VOCRecord:
     difficult: np.ndarray  # bool N
 
 
-def find_voc_root(data_dir: str | Path) -> Path:
-    """``data_dir`` itself when it has ``Annotations/``; else its single ``VOC*`` child (a VOCdevkit folder)."""
+def find_voc_root(data_dir: str | Path, marker: str = "Annotations", layout: str = LAYOUT,
+                  how_to_get: str = HOW_TO_GET) -> Path:
+    """``data_dir`` itself when it has ``<marker>/``; else its single ``VOC*`` child that has one (a VOCdevkit
+    folder)."""
+    hint = f"expected {layout}" + (f". {how_to_get}" if how_to_get else "")
     root = Path(os.path.expanduser(str(data_dir)))
-    if (root / "Annotations").is_dir():
+    if (root / marker).is_dir():
         return root
     if not root.is_dir():
-        raise DatasetError(f"dataset.data_dir={root} does not exist; expected {LAYOUT}. {HOW_TO_GET}")
-    years = sorted(p for p in root.glob("VOC*") if (p / "Annotations").is_dir())
+        raise DatasetError(f"dataset.data_dir={root} does not exist; {hint}")
+    years = sorted(p for p in root.glob("VOC*") if (p / marker).is_dir())
     if len(years) == 1:
         return years[0]
     if years:
         raise DatasetError(f"dataset.data_dir={root} holds several VOC years ({', '.join(p.name for p in years)}): "
                            "point it at one of them")
-    raise DatasetError(f"dataset.data_dir={root}: no Annotations/ there; expected {LAYOUT}. {HOW_TO_GET}")
+    raise DatasetError(f"dataset.data_dir={root}: no {marker}/ there; {hint}")
 
 
 def read_split_ids(root: Path, split: str, kind: str = "Main") -> list[str]:
@@ -232,13 +235,15 @@ def detection_collate(batch: Sequence[dict]) -> dict[str, list]:
     return {k: [item[k] for item in batch] for k in keys}
 
 
-class VOCDetectionDataModule(L.LightningDataModule):
-    """Detection images with boxes from a VOC directory; see the module docstring for items and the
-    bad-input policy. ``summary`` holds the counts after ``setup``; ``records(split)`` the parsed
-    annotations without pixels (for evaluation); ``load_segmentation(image_id)`` the palette masks."""
-    PROVIDES_DATA = ("images", "boxes")  # what tasks may ask for (transferrable/compat.py)
+class VOCDirectoryDataModule(L.LightningDataModule):
+    """What the VOC-layout DataModules (detection here, segmentation in ``datamodules/voc_segmentation.py``)
+    share: the class list, the split names, the seeded ``max_images`` subset of a split's ids, the
+    ``JPEGImages`` listing, and loaders of unstacked items (``detection_collate``). A subclass says how to find
+    its root (``find_root``) and what its layout is (``layout``), and fills ``datasets`` (train / val / test)
+    and ``summary`` in ``setup``."""
 
-    name = "voc"
+    layout = LAYOUT
+    find_root = staticmethod(find_voc_root)
 
     def __init__(
         self,
@@ -247,7 +252,6 @@ class VOCDetectionDataModule(L.LightningDataModule):
         train_split: str = "trainval",
         val_split: str | None = "val",
         test_split: str = "test",
-        strict_classes: bool = False,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -260,15 +264,8 @@ class VOCDetectionDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.data_dir = None if data_dir is None else Path(os.path.expanduser(str(data_dir)))
-        names = [str(c).strip() for c in (classes if classes is not None else VOC_CLASSES)]
-        if not names:
-            raise DatasetError("dataset.classes is empty")
-        dup = sorted({c for c in names if names.count(c) > 1})
-        if dup:
-            raise DatasetError(f"dataset.classes lists a class twice: {dup}")
-        self._classes = names
+        self._classes = self.check_classes(classes if classes is not None else VOC_CLASSES)
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
-        self.strict_classes = bool(strict_classes)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
@@ -276,8 +273,18 @@ class VOCDetectionDataModule(L.LightningDataModule):
         # what a method needs to warp/normalise regions (the data module itself returns raw pixels)
         self.input_size, self.mean, self.std = int(input_size), tuple(mean), tuple(std)
         self.root: Path | None = None
-        self.datasets: dict[str, VOCDetectionDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
         self.summary: dict = {}
+
+    @staticmethod
+    def check_classes(classes: Sequence[str]) -> list[str]:
+        names = [str(c).strip() for c in classes]
+        if not names:
+            raise DatasetError("dataset.classes is empty")
+        dup = sorted({c for c in names if names.count(c) > 1})
+        if dup:
+            raise DatasetError(f"dataset.classes lists a class twice: {dup}")
+        return names
 
     @property
     def class_names(self) -> list[str]:
@@ -286,6 +293,61 @@ class VOCDetectionDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self._classes)
+
+    def open_root(self) -> tuple[Path, set[str]]:
+        """(the VOC root, the file names in its JPEGImages/); sets ``self.root``."""
+        if self.data_dir is None:
+            raise DatasetError(f"dataset.data_dir is not set; expected {self.layout}")
+        root = self.root = self.find_root(self.data_dir)
+        try:
+            listing = set(os.listdir(root / "JPEGImages"))
+        except OSError:
+            raise DatasetError(f"{root / 'JPEGImages'} not found; expected {self.layout}") from None
+        return root, listing
+
+    def subsample(self, ids: list[str]) -> list[str]:
+        """At most ``max_images`` of a split's ids: a seeded subset in the split's order (quick runs)."""
+        if self.max_images and len(ids) > self.max_images:
+            keep = np.sort(np.random.default_rng(self.seed).permutation(len(ids))[: int(self.max_images)])
+            ids = [ids[i] for i in keep]
+        return ids
+
+    # -- loaders -----------------------------------------------------------------------------------
+    def _loader(self, key: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.datasets[key],
+            batch_size=self.batch_size if key == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=detection_collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        self.setup()
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class VOCDetectionDataModule(VOCDirectoryDataModule):
+    """Detection images with boxes from a VOC directory; see the module docstring for items and the
+    bad-input policy. ``summary`` holds the counts after ``setup``; ``records(split)`` the parsed
+    annotations without pixels (for evaluation); ``load_segmentation(image_id)`` the palette masks."""
+    PROVIDES_DATA = ("images", "boxes")  # what tasks may ask for (transferrable/compat.py)
+
+    name = "voc"
+
+    def __init__(self, data_dir: str | Path | None = None, classes: Sequence[str] | None = None,
+                 strict_classes: bool = False, **kwargs):
+        super().__init__(data_dir, classes, **kwargs)
+        self.strict_classes = bool(strict_classes)
 
     # -- parsing ----------------------------------------------------------------------------------
     def _image_path(self, root: Path, image_id: str, listing: set[str]) -> Path:
@@ -297,26 +359,16 @@ class VOCDetectionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if self.data_dir is None:
-            raise DatasetError(f"dataset.data_dir is not set; expected {LAYOUT}")
-        root = self.root = find_voc_root(self.data_dir)
+        root, listing = self.open_root()
         class_index = {c: i for i, c in enumerate(self._classes)}
-        try:
-            listing = set(os.listdir(root / "JPEGImages"))
-        except OSError:
-            raise DatasetError(f"{root / 'JPEGImages'} not found; expected {LAYOUT}") from None
         counts: Counter = Counter()
         parsed: dict[str, VOCRecord] = {}
         split_records: dict[str, list[VOCRecord]] = {}
         for key, split in self.split_names.items():
             if split is None:
                 continue
-            ids = read_split_ids(root, split)
-            if self.max_images and len(ids) > self.max_images:
-                keep = np.sort(np.random.default_rng(self.seed).permutation(len(ids))[: int(self.max_images)])
-                ids = [ids[i] for i in keep]
             recs = []
-            for image_id in ids:
+            for image_id in self.subsample(read_split_ids(root, split)):
                 if image_id not in parsed:
                     img_path = self._image_path(root, image_id, listing)
                     xml = root / "Annotations" / f"{image_id}.xml"
@@ -373,29 +425,6 @@ class VOCDetectionDataModule(L.LightningDataModule):
         if not (cls_p.is_file() and obj_p.is_file()):
             return None
         return read_palette_png(cls_p), read_palette_png(obj_p)
-
-    # -- loaders -----------------------------------------------------------------------------------
-    def _loader(self, key: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.datasets[key],
-            batch_size=self.batch_size if key == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=detection_collate,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        self.setup()
-        return self._loader("val", shuffle=False) if "val" in self.datasets else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -36,12 +36,18 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.base import DatasetError, read_image
-from datamodules.voc import IMAGE_EXTENSIONS, VOC_CLASSES, detection_collate, read_palette_png, read_split_ids
+from datamodules.scenes import GeneratedScenes
+from datamodules.voc import (
+    IMAGE_EXTENSIONS,
+    VOCDirectoryDataModule,
+    find_voc_root,
+    read_palette_png,
+    read_split_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +57,7 @@ VOID = 255
 
 
 def find_segmentation_root(data_dir: str | Path) -> Path:
-    root = Path(os.path.expanduser(str(data_dir)))
-    if (root / "SegmentationClass").is_dir():
-        return root
-    if not root.is_dir():
-        raise DatasetError(f"dataset.data_dir={root} does not exist; expected {LAYOUT}")
-    years = sorted(p for p in root.glob("VOC*") if (p / "SegmentationClass").is_dir())
-    if len(years) == 1:
-        return years[0]
-    if years:
-        raise DatasetError(f"dataset.data_dir={root} holds several VOC years ({', '.join(p.name for p in years)}): "
-                           "point it at one of them")
-    raise DatasetError(f"dataset.data_dir={root}: no SegmentationClass/ there; expected {LAYOUT}")
+    return find_voc_root(data_dir, marker="SegmentationClass", layout=LAYOUT, how_to_get="")
 
 
 def check_mask(mask: np.ndarray, num_classes: int, path: str | Path) -> np.ndarray:
@@ -142,53 +137,28 @@ class VOCSegmentationDataset(Dataset):
                 "difficult": np.zeros(len(labels), bool), "image_id": r.image_id, "path": str(r.image_path)}
 
 
-class VOCSegmentationDataModule(L.LightningDataModule):
+class VOCSegmentationDataModule(VOCDirectoryDataModule):
     """Segmentation images with class (and instance) masks; ``datasets[train|val|test]`` after ``setup``."""
     PROVIDES_DATA = ("images", "masks")  # what tasks may ask for (transferrable/compat.py)
 
     name = "voc_segmentation"
+    layout = LAYOUT
+    find_root = staticmethod(find_segmentation_root)
 
-    def __init__(
-        self,
-        data_dir: str | Path | None = None,
-        classes: Sequence[str] | None = None,
-        train_split: str = "train",
-        val_split: str | None = None,
-        test_split: str = "val",
-        sbd_dir: str | Path | None = None,
-        sbd_split: str = "train",
-        max_images: int | None = None,
-        batch_size: int = 2,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        input_size: int = 224,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-    ):
-        super().__init__()
-        self.data_dir = None if data_dir is None else Path(os.path.expanduser(str(data_dir)))
-        self._classes = [str(c) for c in (classes if classes is not None else VOC_CLASSES)]
-        if not self._classes or len(self._classes) >= VOID:
-            raise DatasetError(f"dataset.classes: expected 1..254 names, got {len(self._classes)}")
-        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+    def __init__(self, data_dir: str | Path | None = None, classes: Sequence[str] | None = None,
+                 train_split: str = "train", val_split: str | None = None, test_split: str = "val",
+                 sbd_dir: str | Path | None = None, sbd_split: str = "train", **kwargs):
+        super().__init__(data_dir, classes, train_split=train_split, val_split=val_split, test_split=test_split,
+                         **kwargs)
         self.sbd_dir = None if not sbd_dir else Path(os.path.expanduser(str(sbd_dir)))
         self.sbd_split = sbd_split
-        self.max_images, self.seed = max_images, int(seed)
-        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
-        self.input_size, self.mean, self.std = int(input_size), tuple(mean), tuple(std)
-        self.root: Path | None = None
-        self.datasets: dict[str, VOCSegmentationDataset] = {}
-        self.summary: dict = {}
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self._classes)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self._classes)
+    @staticmethod
+    def check_classes(classes: Sequence[str]) -> list[str]:
+        names = VOCDirectoryDataModule.check_classes(classes)
+        if len(names) >= VOID:  # class c is stored as c + 1 in a uint8 mask next to 255 = void
+            raise DatasetError(f"dataset.classes: expected 1..{VOID - 1} names, got {len(names)}")
+        return names
 
     def _voc_record(self, root: Path, image_id: str, listing: set[str]) -> SegmentationRecord:
         img = next((root / "JPEGImages" / f"{image_id}{e}" for e in IMAGE_EXTENSIONS if f"{image_id}{e}" in listing), None)
@@ -219,20 +189,10 @@ class VOCSegmentationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if self.data_dir is None:
-            raise DatasetError(f"dataset.data_dir is not set; expected {LAYOUT}")
-        root = self.root = find_segmentation_root(self.data_dir)
-        try:
-            listing = set(os.listdir(root / "JPEGImages"))
-        except OSError:
-            raise DatasetError(f"{root / 'JPEGImages'} not found; expected {LAYOUT}") from None
-        split_ids = {k: read_split_ids(root, s, kind="Segmentation") for k, s in self.split_names.items() if s}
-        records: dict[str, list[SegmentationRecord]] = {}
-        for key, ids in split_ids.items():
-            if self.max_images and len(ids) > self.max_images:
-                keep = np.sort(np.random.default_rng(self.seed).permutation(len(ids))[: int(self.max_images)])
-                ids = [ids[i] for i in keep]
-            records[key] = [self._voc_record(root, i, listing) for i in ids]
+        root, listing = self.open_root()
+        split_ids = {k: self.subsample(read_split_ids(root, s, kind="Segmentation"))
+                     for k, s in self.split_names.items() if s}
+        records = {key: [self._voc_record(root, i, listing) for i in ids] for key, ids in split_ids.items()}
         n_sbd = 0
         if self.sbd_dir is not None and "train" in records:
             exclude = set(split_ids.get("test", [])) | set(split_ids.get("val", [])) | {r.image_id for r in records["train"]}
@@ -246,54 +206,9 @@ class VOCSegmentationDataModule(L.LightningDataModule):
         log.info("%s: %s", self.name, ", ".join(f"{k} {v}" for k, v in self.summary["splits"].items())
                  + (f" (+{n_sbd} SBD training images)" if n_sbd else ""))
 
-    def _loader(self, key: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(self.datasets[key], batch_size=self.batch_size if key == "train" else self.eval_batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers, collate_fn=detection_collate)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self):
-        return self._loader("val", False) if "val" in self.datasets else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-
-class ScenesSegmentationDataModule(VOCSegmentationDataModule):
+class ScenesSegmentationDataModule(GeneratedScenes, VOCSegmentationDataModule):
     """The generated scenes (``datamodules/scene_generator.py``) as segmentation data: the same generation
     parameters as ``dataset=scenes`` give the same cached directory, read through the VOC segmentation loader."""
 
     name = "scenes_segmentation"
-
-    def __init__(self, root: str | Path = ".cache/scenes", n_train: int = 300, n_val: int = 100, n_test: int = 200,
-                 image_size: Sequence[int] = (160, 120), scene_seed: int = 0, min_objects: int = 1,
-                 max_objects: int = 6, source: str = "fashion_mnist", source_dir: str | Path | None = None,
-                 void_width: int = 1, jpeg_quality: int = 90, progress: bool = True, train_split: str = "train",
-                 val_split: str | None = "val", test_split: str = "test", **kwargs):
-        from datamodules.scene_generator import CLASSES, FASHION_MNIST_DIR
-
-        kwargs.pop("data_dir", None)
-        kwargs.pop("classes", None)
-        super().__init__(data_dir=None, classes=CLASSES, train_split=train_split, val_split=val_split,
-                         test_split=test_split, **kwargs)
-        self.scene_root = Path(os.path.expanduser(str(root)))
-        self.generation = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": list(image_size),
-                           "seed": scene_seed, "min_objects": min_objects, "max_objects": max_objects,
-                           "source": source, "data_dir": source_dir or FASHION_MNIST_DIR, "void_width": void_width,
-                           "jpeg_quality": jpeg_quality}
-        self.progress = progress
-
-    def prepare_data(self) -> None:
-        from datamodules.scene_generator import DATASET_NAME, generate_scenes, scene_key, scene_params
-
-        out = self.scene_root / scene_key(scene_params(**self.generation))
-        self.data_dir = generate_scenes(out, **self.generation, name=DATASET_NAME, progress=self.progress)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        if self.data_dir is None:
-            self.prepare_data()
-        super().setup(stage)

@@ -8,7 +8,8 @@ baseline (``sequence_model=none``) is scored the same way, so the two differ onl
 
 At test end the run writes ``video_scores.npz`` (per-video softmax scores, labels, video and class names,
 modality and sequence model: what late fusion and the per-class tables of ``eval.py report=`` read) and
-``confusion.png`` into its output directory.
+``confusion.png`` into its output directory (the plot also goes to W&B as ``lrcn/confusion`` when a W&B logger
+is attached).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from models.backbones import TapBackbone
 from models.lrcn import LRCN, clip_starts
+from transferrable.log_results import log_images
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,7 @@ class LRCNActivityModule(L.LightningModule):
                           dm.class_names, self.hparams.modality, self.hparams.sequence_model)
         title = f"{'LRCN' if self.hparams.sequence_model == 'lstm' else 'single frame'} {self.hparams.modality}"
         plot_confusion(out / CONFUSION_FILE, labels, pred, dm.class_names, title)
+        log_images(self.trainer, {"lrcn/confusion": out / CONFUSION_FILE})
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -176,3 +176,34 @@ def test_reference_voc_eval_on_a_hand_computed_case():
     assert ap07[0] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
     suite = evaluate_detections(det, gt, 1)
     assert suite["ap"][0] == ap[0] and suite["ap07"][0] == ap07[0]
+
+
+def test_bigan_time_to_accuracy_entry(quick_run, tmp_path):
+    """The entry runs at a tiny size (one figure, a sample per repeat, reached by every seed), and the milestone
+    callback stops a fit at its first evaluation that reaches the threshold, or runs to the cap."""
+    from bench.bigan import _fashion_mnist, time_to_accuracy
+
+    _, _, result = quick_run
+    fig, acc = [f for f in result["figures"] if f["benchmark"] == "bigan_time_to_accuracy"]
+    assert fig["unit"] == "s" and "1-NN acc >= 5%" in fig["figure"] and "NOT reached" not in fig["figure"]
+    assert f"reached by {result['repeats']}/{result['repeats']} seeds after [2, 2] batches" in fig["note"]
+    assert acc["unit"] == "%" and all(5 <= a <= 100 for a in acc["value"]["samples"]) and acc["ratio"] > 0
+    data, _ = _fashion_mnist(True, tmp_path)
+    tiny = {"every": 2, "max_batches": 6, "epochs": 1, "batch": 8, "hidden": [16, 16], "n_eval": 40,
+            "precision": "32-true", "seed": 0, "bn_batches": 2}
+    first = time_to_accuracy(data, threshold=0.0, **tiny)
+    assert first.reached_step == 2 and [s for s, _ in first.curve] == [0, 2] and first.train_seconds > 0
+    never = time_to_accuracy(data, threshold=1.01, **tiny)
+    assert never.reached_step is None and [s for s, _ in never.curve] == [0, 2, 4, 6]
+    assert all(0.0 <= a <= 1.0 for _, a in never.curve)
+
+
+def test_param_overrides_reach_the_entries(tmp_path, capsys):
+    ctx = registry.Context(params={"threshold": "0.75", "hidden": "32x32", "every": "10"})
+    assert ctx.param("threshold", 0.7) == 0.75 and ctx.param("every", 50) == 10 and ctx.param("hidden", "1x1") == "32x32"
+    assert ctx.param("max_steps", 2000) == 2000
+    with pytest.raises(ValueError, match="--param every=ten"):
+        registry.Context(params={"every": "ten"}).param("every", 50)
+    with pytest.raises(SystemExit):
+        main(["--only", "startup", "--param", "threshold", "--out", str(tmp_path)])
+    assert "NAME=VALUE" in capsys.readouterr().err

@@ -112,9 +112,9 @@ def test_fusion_and_report_tables(tmp_path):
     assert "| RGB | Flow |" in fusion_line(tmp_path / "0", tmp_path / "2")
 
 
-def _tiny_cfg(tmp_path, fmnist_dir, sequence_model: str):
+def _tiny_cfg(tmp_path, fmnist_dir, sequence_model: str, *extra: str, logger: str = "none"):
     cfg = compose_train([
-        "task=lrcn_activity", "logger=none", "hardware=cpu", "trainer.precision=32-true", "seed=0",
+        "task=lrcn_activity", f"logger={logger}", "hardware=cpu", "trainer.precision=32-true", "seed=0",
         "backbone.weights=null", "backbone.input_size=16", "backbone.widths=[8,16,16,16,16]", "backbone.fc_dim=32",
         "backbone.pool5_size=2", f"lrcn.sequence_model={sequence_model}", "lrcn.hidden_rgb=32",
         "lrcn.feature_dropout=0.0", "model.optimizer.lr=3e-3", "trainer.max_epochs=10",
@@ -123,7 +123,7 @@ def _tiny_cfg(tmp_path, fmnist_dir, sequence_model: str):
         f"dataset.source_dir={fmnist_dir}", "dataset.batch_size=4", "dataset.val_groups=0", "dataset.progress=false",
         "trainer.enable_model_summary=false", "++trainer.enable_progress_bar=false", "~callbacks.progress_bar",
         "~callbacks.model_summary", "~callbacks.lr_monitor", "~callbacks.model_checkpoint",
-        "++trainer.enable_checkpointing=false",
+        "++trainer.enable_checkpointing=false", *extra,
     ])
     return point_paths_at(cfg, tmp_path / sequence_model, tmp_path / "cache")
 
@@ -139,3 +139,18 @@ def test_lrcn_beats_single_frame_on_left_vs_right(tmp_path, fmnist_dir):
     saved = load_video_scores(tmp_path / "lstm" / "video_scores.npz")
     assert saved["scores"].shape == (56, 2) and saved["classes"] == ["MoveLeft", "MoveRight"]
     assert (tmp_path / "lstm" / "confusion.png").stat().st_size > 1000
+
+
+def test_confusion_png_goes_to_an_offline_wandb_run(tmp_path, fmnist_dir, monkeypatch):
+    """logger=wandb (offline): the test-end confusion matrix is in the offline run's media files, byte for byte."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = _tiny_cfg(tmp_path, fmnist_dir, "none", "trainer.max_epochs=1", "dataset.clips_per_group=1",
+                    "dataset.num_frames=16", logger="wandb")
+    train(cfg)
+    png = tmp_path / "none" / "confusion.png"
+    runs = list((tmp_path / "none" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = list((runs[0] / "files" / "media" / "images" / "lrcn").glob("confusion_*.png"))
+    assert len(logged) == 1 and logged[0].read_bytes() == png.read_bytes()

@@ -182,3 +182,54 @@ def test_real_mp4_decodes():
     assert frames.shape == (12, 48, 64, 3) and frames.dtype == np.uint8 and frames.std() > 5
     flow = compute_flow(frames[:4])
     assert flow.shape == (4, 48, 64, 3) and np.isfinite(flow.astype(np.float32)).all()
+
+
+def _translating_square(k: int, n: int = 5, size: int = 10, h: int = 40, w: int = 48) -> np.ndarray:
+    """n RGB frames of a textured square moving right by k px per frame over black (tiny: TV-L1 is slow)."""
+    texture = (np.random.default_rng(k).uniform(0, 1, (size, size)) > 0.5).astype(np.uint8) * 200 + 30
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    for t in range(n):
+        frames[t, 15:15 + size, 8 + k * t:8 + size + k * t] = texture[:, :, None]
+    return frames
+
+
+@pytest.mark.parametrize("method", ["farneback", "tvl1"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_flow_of_a_translation_is_k_pixels_right(method, k):
+    bound, size, n = 8.0, 10, 5
+    frames = _translating_square(k, n, size)
+    to_px = bound / 128.0  # flow images hold bound px at 128
+    flow = compute_flow(frames, method, bound=bound).astype(np.float32) * to_px
+    inside = np.stack([flow[t, 15:15 + size, 8 + k * t:8 + size + k * t] for t in range(n - 1)])  # the object at t
+    assert inside[..., 0].mean() == pytest.approx(k, abs=0.15)
+    assert abs(inside[..., 1].mean()) < 0.15
+    # the flow of the mirrored clip is the mirrored flow: x negated where the object is
+    w = frames.shape[2]
+    of_mirror = compute_flow(np.ascontiguousarray(frames[:, :, ::-1]), method, bound=bound).astype(np.float32) * to_px
+    mirrored = mirror_flow(flow)
+    for f in (of_mirror, mirrored):
+        inside_m = np.stack([f[t, 15:15 + size, w - 8 - size - k * t:w - 8 - k * t] for t in range(n - 1)])
+        assert inside_m[..., 0].mean() == pytest.approx(-k, abs=0.15) and abs(inside_m[..., 1].mean()) < 0.15
+
+
+def test_tvl1_knob_reaches_the_flow_cache(motion_root, tmp_path):
+    """``dataset.flow.method=tvl1`` on a few generated videos: TV-L1 flow files in the cache, and the x flow of
+    MoveRight videos points right, of MoveLeft videos left."""
+    root = _copy(motion_root, tmp_path)
+    lists = root / "ucfTrainTestlist"
+    keep = [ln for ln in (lists / "trainlist01.txt").read_text().splitlines() if "_g24_" in ln or "_g25_" in ln]
+    (lists / "trainlist01.txt").write_text("\n".join(keep) + "\n")
+    keep = [ln for ln in (lists / "testlist01.txt").read_text().splitlines() if "_g01_" in ln]
+    (lists / "testlist01.txt").write_text("\n".join(keep) + "\n")
+    dm = _dm(root, tmp_path / "cache", modality="flow", flow={"method": "tvl1", "bound": 4.0}, max_frames=8,
+             val_groups=1)
+    dm.setup()
+    assert dm.summary["train"] == 2 and dm.summary["test"] == 2
+    assert len(list((tmp_path / "cache" / "flow").glob("*tvl1*.npy"))) == 6
+    test = dm.splits["test"]
+    for i, name in enumerate(test.names):
+        x = test[i][0][:, 0]  # flow x / 128, T x crop x crop
+        moving = x.abs() > 0.05
+        assert moving.sum() > 20
+        mean_x = x[moving].mean().item()
+        assert (mean_x > 0.1) if name.startswith("MoveRight") else (mean_x < -0.1), (name, mean_x)

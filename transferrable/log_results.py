@@ -11,7 +11,17 @@ def log_results(trainer, metrics: dict, images: dict[str, Path]) -> None:
                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))}
     for lg in trainer.loggers:
         lg.log_metrics(numeric)
-        if type(lg).__name__ == "WandbLogger":
-            for key, p in images.items():
-                lg.log_image(key=key, images=[str(p)])
+        _wandb_images(lg, images)
         lg.save()
+
+
+def log_images(trainer, images: dict[str, Path]) -> None:
+    """PNGs (key -> path) to every W&B logger attached; the other loggers have no image API."""
+    for lg in trainer.loggers:
+        _wandb_images(lg, images)
+
+
+def _wandb_images(lg, images: dict[str, Path]) -> None:
+    if type(lg).__name__ == "WandbLogger":
+        for key, p in images.items():
+            lg.log_image(key=key, images=[str(p)])

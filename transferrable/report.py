@@ -117,8 +117,9 @@ def run_tables(runs: list[dict]) -> str:
 def sweep_table_builders():
     """Tables built across the runs of a sweep (e.g. LRCN's RGB + flow fusion): ``fn(runs) -> Markdown``."""
     from transferrable.lrcn_report import activity_tables
+    from transferrable.transfer_report import transfer_tables
 
-    return [activity_tables]
+    return [activity_tables, transfer_tables]
 
 
 def write_report(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> str:
