@@ -74,12 +74,20 @@ FEATURE_LAYERS = ("pool5", "fc6", "fc7")
 SCORINGS = ("svm", "softmax")
 FEATURE_MODES = ("warp", "roi_pool")
 CACHE_VERSION = 1
+FINETUNE_CACHE_VERSION = 1
 
 
 def _as_list(v) -> list:
     if v is None:
         return []
     return [v] if isinstance(v, str) else list(v)
+
+
+def state_digest_arrays(arrays: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def state_digest(module: nn.Module) -> str:
@@ -223,6 +231,7 @@ class RCNNModule(L.LightningModule):
         self.pad = scaled_pad(self.size, context_pad)
         self.timing: dict[str, float] = defaultdict(float)
         self.stats: dict[str, Any] = {}
+        self.finetune_cache_dir = Path(cache_dir) / "rcnn_finetune" if (cache and cache_dir) else None
 
     # -- fine-tuning (Lightning) ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,10 +268,30 @@ class RCNNModule(L.LightningModule):
         info = {"positive_windows": len(windows.pos), "background_windows": len(windows.bg)}
         if self.ft["iterations"] <= 0 or trainer.max_epochs == 0:
             return {**info, "skipped": True}
+        # the fine-tuned network is cached: the warp and roi_pool runs, the SVM and softmax runs and a rerun
+        # after a kill all start from the same fine-tuning, so it is computed once
+        key = hashlib.sha256(json.dumps({
+            "version": FINETUNE_CACHE_VERSION, "start": state_digest(self), "finetune": self.ft,
+            "epochs": trainer.max_epochs, "seed": self.hparams.seed, "size": self.size, "pad": self.pad,
+            "images": data.ids, "boxes": state_digest_arrays(data.boxes), "mean": list(map(float, mean)),
+            "std": list(map(float, std))}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = None if self.finetune_cache_dir is None else self.finetune_cache_dir / f"{key}.pt"
+        if path is not None and path.exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                self.load_state_dict(saved["state_dict"])
+                log.info("rcnn: reusing the fine-tuned network %s", path)
+                return {**info, **saved["info"], "cache": "hit", "cache_path": str(path)}
+            except Exception as e:  # a truncated or foreign file is rebuilt, never used
+                log.warning("rcnn: fine-tuning cache %s is unreadable (%s); fine-tuning again", path, e)
         t0 = time.perf_counter()
         trainer.fit(self, train_dataloaders=DataLoader(windows, batch_size=None, shuffle=True))
         info["seconds"] = time.perf_counter() - t0
         info["loss"] = float(trainer.callback_metrics.get("finetune/loss_epoch", float("nan")))
+        if path is not None:
+            from transferrable.atomic import atomic_torch_save
+            atomic_torch_save(path, {"state_dict": self.state_dict(), "info": info})
+            info["cache_path"] = str(path)
         return info
 
     @torch.inference_mode()

@@ -186,7 +186,8 @@ class RCNNSegmentationModule(L.LightningModule):
         det = dict(self.hparams.detection or {})
         rcnn = RCNNModule(self.backbone, self.num_classes, proposals=det.get("proposals"),
                           context_pad=self.hparams.context_pad, finetune=det.get("finetune"), layers=["fc7"],
-                          scoring="svm", channels_last=self.hparams.channels_last, seed=self.hparams.seed)
+                          scoring="svm", channels_last=self.hparams.channels_last, seed=self.hparams.seed,
+                          cache=cache_root is not None, cache_dir=None if cache_root is None else str(cache_root))
         pc = ProposalCache(None if cache_root is None else cache_root / "proposals" / root_tag,
                            **dict(det.get("proposals") or {}))
         props = [pc.get(it["image_id"], it["image"]) for it in items]

@@ -279,6 +279,15 @@ def test_rcnn_end_to_end_beats_random_scoring(fmnist_dir, tmp_path):
     best = max(metrics["test/svm/pool5/mAP"], metrics["test/mAP"])
     print("e2e mAP", {k: round(v, 4) for k, v in metrics.items() if k.endswith("mAP")}, "random", rand_maps)
     assert best > np.mean(rand_maps), (metrics, rand_maps)
+    # a second run with the same config (e.g. the roi_pool or softmax run of a sweep, or a rerun after a kill)
+    # reuses the cached fine-tuned network and every cached stage, and gets the same numbers
+    assert info["finetune"]["cache_path"].startswith(str(tmp_path / "cache" / "rcnn_finetune"))
+    torch.manual_seed(0)
+    again = build_model(cfg, dm.num_classes).run_task(build_trainer(cfg, []), dm, tmp_path / "run2")
+    info2 = json.loads((tmp_path / "run2" / "rcnn_results.json").read_text())["info"]
+    assert info2["finetune"]["cache"] == "hit"
+    assert {k: v for k, v in again.items() if k.startswith("test/")} == {
+        k: v for k, v in metrics.items() if k.startswith("test/")}
 
 
 @pytest.mark.parametrize("overrides", [["task=rcnn", "backbone=vgg16"], ["experiment=rcnn_layers"],
