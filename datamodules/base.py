@@ -170,7 +170,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
     ):
         super().__init__()
-        self.data_dir = None if data_dir is None else Path(os.path.expanduser(str(data_dir)))
+        # imported here: transferrable.archives imports this module
+        from transferrable.archives import resolve_data_dir
+
+        self.data_dir = resolve_data_dir(data_dir)  # a directory, or an archive extracted once (safely)
         self.input_size, self.batch_size = int(input_size), int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers, self.pin_memory = int(num_workers), pin_memory

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError, build_transform, read_image, to_rgb
+from transferrable.archives import resolve_data_dir
 from transferrable.vocabulary import Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class COCOCaptionsDataModule(L.LightningDataModule):
         **_ignored,
     ):
         super().__init__()
-        self.data_dir = Path(os.path.expanduser(str(data_dir))) if data_dir else None
+        self.data_dir = resolve_data_dir(data_dir) if data_dir else None  # a directory or an archive
         self.karpathy_json = Path(os.path.expanduser(str(karpathy_json))) if karpathy_json else None
         self.image_dir = Path(os.path.expanduser(str(image_dir))) if image_dir else None
         self.val_images = int(val_images)

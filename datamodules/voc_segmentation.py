@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError, read_image
 from datamodules.voc import IMAGE_EXTENSIONS, VOC_CLASSES, detection_collate, read_palette_png, read_split_ids
+from transferrable.archives import resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class VOCSegmentationDataModule(L.LightningDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
     ):
         super().__init__()
-        self.data_dir = None if data_dir is None else Path(os.path.expanduser(str(data_dir)))
+        self.data_dir = resolve_data_dir(data_dir)  # a directory, or an archive extracted once (safely)
         self._classes = [str(c) for c in (classes if classes is not None else VOC_CLASSES)]
         if not self._classes or len(self._classes) >= VOID:
             raise DatasetError(f"dataset.classes: expected 1..254 names, got {len(self._classes)}")
