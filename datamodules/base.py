@@ -119,9 +119,19 @@ class ImageDataset(Dataset):
         if isinstance(index, tuple):
             index, epoch_seed = index
             self._reseed(epoch_seed)
-        img = self.load(index)
-        x = self.transform(image=img)["image"] if self.transform is not None else torch.from_numpy(img)
+        try:
+            img = self.load(index)
+            x = self.transform(image=img)["image"] if self.transform is not None else torch.from_numpy(img)
+        except DatasetError:
+            raise
+        except Exception as err:  # e.g. in a DataLoader worker: name the sample, not only the worker
+            raise DatasetError(f"sample {index} ({self.describe(index)}): {type(err).__name__}: "
+                               f"{(str(err).strip().splitlines() or [''])[0][:200]}") from err
         return x, int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        item = self.images[index]
+        return str(item) if isinstance(item, str | Path) else f"array image {index}, label {int(self.labels[index])}"
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

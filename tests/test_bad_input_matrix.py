@@ -28,7 +28,7 @@ from conftest import ROOT, compose_train
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 from PIL import Image
-from test_datamodules import make_tree
+from test_datamodules import make_tree, write_image
 from test_rcnn_segmentation import _write_voc as write_segmentation_voc
 from test_ucf101_motion import ACTIONS
 from test_voc_scenes import ann, make_voc
@@ -288,6 +288,27 @@ def worker_crash(ctx: Ctx) -> None:
     assert msg.endswith("(raised in DataLoader worker process 0)")
 
 
+def worker_crash_in_transform(ctx: Ctx) -> None:
+    root = image_folder(ctx.tmp / "folder")
+    odd = write_image(root / "test" / "b" / "odd.png", size=(5, 7))  # a valid image the transform trips on
+    dm = folder_dm(root, num_workers=1)
+    dm.setup()
+    test = dm.splits["test"]
+    index = test.images.index(str(odd))
+
+    def transform(image):  # fails on one image (a bug of its own, say): the worker's error names the sample
+        if image.shape[:2] == (5, 7):
+            raise IndexError("index 7 is out of bounds for axis 1 with size 7")
+        return {"image": torch.zeros(3, 16, 16)}
+
+    test.transform = transform
+    with pytest.raises(DatasetError) as err:
+        for _ in dm.test_dataloader():
+            pass
+    msg = one_line_error(err.value, f"sample {index} ({odd})", "IndexError: index 7 is out of bounds")
+    assert msg.endswith("(raised in DataLoader worker process 0)")
+
+
 def nan_loss_classify(ctx: Ctx) -> None:
     from lightning_modules.classify import ClassifyModule
 
@@ -492,6 +513,9 @@ CASES = [
          "error: no trainable caption (vocab_min_count) / fewer than 2 classes left", "coco_captions.py, base.py"),
     Case("worker_crash", worker_crash, "error naming the file and the worker, one line (not the worker traceback)",
          "transferrable/errors.py one_line"),
+    Case("worker_crash_in_transform", worker_crash_in_transform,
+         "any other exception while loading a sample: one line naming the sample and its file",
+         "datamodules/base.py ImageDataset"),
     Case("nan_loss_classify", nan_loss_classify,
          "stops before the update; message names the last good checkpoint; no metrics.json",
          "lightning_modules/classify.py", slow=True),
