@@ -154,3 +154,19 @@ def test_a_corrupt_archive_is_one_line(tmp_path, cache):
     with pytest.raises(DatasetError, match=r"broken\.tar\.gz: not a readable tar or zip archive"):
         extract_archive(archive)
     assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_image_folder_zip_through_the_dataset_config(tmp_path, cache):
+    from test_datamodules import make_tree
+
+    tree = make_tree(tmp_path / "src" / "101_ObjectCategories", {"ant": 4, "bee": 4})
+    archive = tmp_path / "101_ObjectCategories.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(tree.rglob("*")):
+            zf.write(p, p.relative_to(tree.parent).as_posix())
+    cfg = point_paths_at(compose_train(["dataset=imagefolder", f"dataset.data_dir={archive}",
+                                        "dataset.train_per_class=3", "backbone.input_size=16"]), tmp_path)
+    dm = instantiate(cfg.dataset)
+    assert dm.data_dir.name == "101_ObjectCategories" and str(dm.data_dir).startswith(str(cache))
+    dm.setup()
+    assert dm.class_names == ["ant", "bee"] and len(dm.splits["test"]) == 2  # 4 per class: 3 train, 1 test
