@@ -331,3 +331,29 @@ def test_cli_unknown_backbone_lists_choices(tmp_path):
     assert "Could not find 'backbone/nonexistent'" in p.stderr
     for option in ("alexnet", "caffenet_mini", "resnet18", "resnet50", "vgg16"):
         assert option in p.stderr
+
+
+def test_every_torch_load_is_weights_only():
+    """A guard for new code: every ``torch.load`` passes ``weights_only=True``, every Lightning call given a
+    ``ckpt_path`` passes ``weights_only=True`` too, and no ``np.load`` allows pickles."""
+    import ast
+
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".venv") or any(p.startswith(".") for p in rel.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            kw = {k.arg: k.value for k in node.keywords}
+            name = f"{ast.unparse(node.func)}"
+            weights_only = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            if name == "torch.load" and not weights_only:
+                bad.append(f"{rel}:{node.lineno} {name} without weights_only=True")
+            if node.func.attr in ("fit", "test", "validate") and "ckpt_path" in kw and not weights_only:
+                bad.append(f"{rel}:{node.lineno} {name}(ckpt_path=...) without weights_only=True")
+            if name in ("np.load", "numpy.load") and isinstance(kw.get("allow_pickle"), ast.Constant) \
+                    and kw["allow_pickle"].value is not False:
+                bad.append(f"{rel}:{node.lineno} {name} with allow_pickle")
+    assert not bad, bad
