@@ -13,6 +13,7 @@ and, where a run or cache was started, that nothing is left looking complete (no
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -43,7 +44,13 @@ from datamodules.motion_generator import generate_motions
 from datamodules.ucf101 import UCF101DataModule
 from datamodules.voc import VOCDetectionDataModule
 from datamodules.voc_segmentation import VOCSegmentationDataModule
-from transferrable.errors import ConfigError, NonFiniteLossError, find_user_error, one_line
+from transferrable.errors import (
+    ConfigError,
+    NonFiniteLossError,
+    exit_on_user_error,
+    find_user_error,
+    one_line,
+)
 
 MINI = ["backbone.widths=[8,16,16,16,16]", "backbone.fc_dim=32"]
 
@@ -286,6 +293,15 @@ def worker_crash(ctx: Ctx) -> None:
     assert "DataLoader worker" in str(err.value)  # PyTorch's re-raise carries the worker's traceback ...
     msg = one_line_error(err.value, bad, "unreadable image file")  # ... train.py prints the line that matters
     assert msg.endswith("(raised in DataLoader worker process 0)")
+
+    @exit_on_user_error
+    def main():  # as train.py's main
+        raise err.value
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and stderr.getvalue() == f"error: {msg}\n"
 
 
 def worker_crash_in_transform(ctx: Ctx) -> None:
