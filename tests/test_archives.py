@@ -170,3 +170,17 @@ def test_image_folder_zip_through_the_dataset_config(tmp_path, cache):
     assert dm.data_dir.name == "101_ObjectCategories" and str(dm.data_dir).startswith(str(cache))
     dm.setup()
     assert dm.class_names == ["ant", "bee"] and len(dm.splits["test"]) == 2  # 4 per class: 3 train, 1 test
+
+
+def test_an_unsafe_archive_fails_before_any_pretraining(make_cfg, tmp_path, cache, monkeypatch):
+    import transferrable.runner as runner
+    import transferrable.source as source
+
+    monkeypatch.setattr(source, "resolve_source_weights", lambda cfg: pytest.fail("pretraining started"))
+    archive = tmp_path / "VOC.tar"
+    with tarfile.open(archive, "w") as tf:
+        _add(tf, "VOCdevkit/../../evil_early")
+    cfg = make_cfg("dataset=imagefolder", f"dataset.data_dir={archive}", "backbone.weights=source:fashion_mnist")
+    with pytest.raises(UnsafeArchiveError, match=r"VOC\.tar: refusing to extract member 'VOCdevkit/\.\./\.\./evil_early'"):
+        runner.train(cfg)
+    assert not list(tmp_path.rglob("evil_early")) and not (Path(cfg.paths.output_dir) / "metrics.json").exists()

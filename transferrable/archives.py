@@ -180,6 +180,14 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return extract_archive(path) if is_archive(path) else path
 
 
+def extract_configured_archive(cfg) -> None:
+    """Extract ``dataset.data_dir`` when it names an archive, before any pretraining (train.py calls this first):
+    an unsafe or broken archive fails in seconds, and the DataModule then finds the extracted tree cached."""
+    data_dir = (cfg.get("dataset") or {}).get("data_dir")
+    if data_dir and is_archive(Path(os.path.expanduser(str(data_dir)))):
+        extract_archive(data_dir)
+
+
 def manifest(extracted_root: Path) -> dict:
     for d in (extracted_root, *extracted_root.parents):
         if (d / MANIFEST).is_file():

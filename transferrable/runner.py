@@ -65,6 +65,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) the configured task; writes ``metrics.json`` in the run's output directory."""
     import lightning as L
 
+    from transferrable.archives import extract_configured_archive
     from transferrable.atomic import atomic_write_json
     from transferrable.checkpoints import check_ckpt_path
     from transferrable.compat import check_task_dataset
@@ -72,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
     check_ckpt_path(cfg)  # so does a ckpt_path that is missing, not weights-only, or of another task/backbone
+    extract_configured_archive(cfg)  # and an unsafe dataset.data_dir archive (a safe one is extracted once)
     resolve_source_weights(cfg)  # may pretrain first; seed afterwards so this run is the same either way
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
