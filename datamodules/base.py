@@ -119,9 +119,19 @@ class ImageDataset(Dataset):
         if isinstance(index, tuple):
             index, epoch_seed = index
             self._reseed(epoch_seed)
-        img = self.load(index)
-        x = self.transform(image=img)["image"] if self.transform is not None else torch.from_numpy(img)
+        try:
+            img = self.load(index)
+            x = self.transform(image=img)["image"] if self.transform is not None else torch.from_numpy(img)
+        except DatasetError:
+            raise
+        except Exception as err:  # e.g. in a DataLoader worker: name the sample, not only the worker
+            raise DatasetError(f"sample {index} ({self.describe(index)}): {type(err).__name__}: "
+                               f"{(str(err).strip().splitlines() or [''])[0][:200]}") from err
         return x, int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        item = self.images[index]
+        return str(item) if isinstance(item, str | Path) else f"array image {index}, label {int(self.labels[index])}"
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,7 +180,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
     ):
         super().__init__()
-        self.data_dir = None if data_dir is None else Path(os.path.expanduser(str(data_dir)))
+        # imported here: transferrable.archives imports this module
+        from transferrable.archives import resolve_data_dir
+
+        self.data_dir = resolve_data_dir(data_dir)  # a directory, or an archive extracted once (safely)
         self.input_size, self.batch_size = int(input_size), int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers, self.pin_memory = int(num_workers), pin_memory

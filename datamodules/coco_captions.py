@@ -14,7 +14,8 @@ Sources, in order of preference:
 Bad input, one documented policy (counted in ``summary``): empty captions are dropped; captions whose
 words are all unknown to the vocabulary are dropped from training (nothing to learn) but stay references
 for the metrics; images without any caption are dropped from every split; a missing annotation file or
-image directory is a one-line ``DatasetError``. The vocabulary is built from the training captions only
+image directory is a one-line ``DatasetError``, and so is a training split left with no trainable caption
+(every word rarer than ``vocab_min_count``). ``data_dir`` may also be an archive (transferrable/archives.py). The vocabulary is built from the training captions only
 (``vocab_min_count``, ``max_caption_len``).
 
 Images are resized as a whole (aspect ratio not kept) to ``input_size`` squared and normalised: the
@@ -36,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError, build_transform, read_image, to_rgb
+from transferrable.archives import resolve_data_dir
 from transferrable.vocabulary import Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
@@ -166,7 +168,7 @@ class COCOCaptionsDataModule(L.LightningDataModule):
         **_ignored,
     ):
         super().__init__()
-        self.data_dir = Path(os.path.expanduser(str(data_dir))) if data_dir else None
+        self.data_dir = resolve_data_dir(data_dir) if data_dir else None  # a directory or an archive
         self.karpathy_json = Path(os.path.expanduser(str(karpathy_json))) if karpathy_json else None
         self.image_dir = Path(os.path.expanduser(str(image_dir))) if image_dir else None
         self.val_images = int(val_images)
@@ -222,6 +224,9 @@ class COCOCaptionsDataModule(L.LightningDataModule):
         self.vocab = Vocabulary.build((c for im in self.splits["train"] for c in im.captions),
                                       self.vocab_min_count, self.max_caption_len)
         self.train_pairs, unk_only = self.encode_pairs("train")
+        if not self.train_pairs:  # empty after filtering: every caption was only words outside the vocabulary
+            raise DatasetError(f"{self._where()}: none of the {unk_only} training captions has a word in the "
+                               f"vocabulary (dataset.vocab_min_count={self.vocab_min_count}: lower it)")
         self.val_pairs, _ = self.encode_pairs("val")
         self.summary = {
             "images": {s: len(v) for s, v in self.splits.items()},

@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError
+from transferrable.archives import resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ class UCF101DataModule(L.LightningDataModule):
             raise DatasetError(
                 f"dataset.bad_videos={bad_videos!r} / dataset.short_videos={short_videos!r}: expected error|skip and loop|pad"
             )
-        self.data_dir = None if data_dir is None else Path(os.path.expanduser(str(data_dir)))
+        self.data_dir = resolve_data_dir(data_dir)  # a directory, or an archive extracted once (safely)
         self.split, self.modality = int(split), modality
         self.class_subset = None if classes is None else list(classes)
         self.frame_size = [int(v) for v in frame_size]

@@ -46,6 +46,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError, read_image
+from transferrable.archives import resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ class VOCDirectoryDataModule(L.LightningDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
     ):
         super().__init__()
-        self.data_dir = None if data_dir is None else Path(os.path.expanduser(str(data_dir)))
+        self.data_dir = resolve_data_dir(data_dir)  # a directory, or an archive extracted once (safely)
         self._classes = self.check_classes(classes if classes is not None else VOC_CLASSES)
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self.batch_size = int(batch_size)

@@ -57,15 +57,11 @@ from models.bigan import (
     MLPGenerator,
     reestimate_batchnorm,
 )
-from transferrable.errors import ConfigError, TrainingFault
+from transferrable.errors import ConfigError, NonFiniteLossError, last_checkpoint_note
 
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder_backbone.pt"
-
-
-class NonFiniteLossError(TrainingFault):
-    """A NaN/Inf loss: training stops before the bad step is applied."""
 
 
 # -- objectives -------------------------------------------------------------------------------------
@@ -354,10 +350,7 @@ class BiGANModule(L.LightningModule):
         if not bad:
             return
         where = f"epoch {self.current_epoch}, batch {batch_idx}"
-        cb = self.trainer.checkpoint_callback if self._trainer is not None else None
-        last = (cb.last_model_path or cb.best_model_path) if cb is not None else ""
-        keep = (f"the last good checkpoint is {last} (resume with ckpt_path={last})" if last
-                else "no checkpoint was written yet")
+        keep = last_checkpoint_note(self)
         raise NonFiniteLossError(
             f"bigan: non-finite loss {bad} at {where} (objective={self.s.objective}); stopped before the update, "
             f"{keep}. Try a lower bigan.lr or trainer.precision=32-true."

@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from models.backbones import TapBackbone
+from transferrable.errors import NonFiniteLossError, last_checkpoint_note
 
 
 class ClassifyModule(L.LightningModule):
@@ -70,7 +71,13 @@ class ClassifyModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):  # raising here: no backward, the bad step is never applied
+            raise NonFiniteLossError(
+                f"classify: non-finite loss {float(loss)} at epoch {self.current_epoch}, batch {batch_idx}; stopped "
+                f"before the update, {last_checkpoint_note(self)}. Try a lower optimizer.lr or "
+                "trainer.precision=32-true.")
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")

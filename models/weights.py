@@ -94,9 +94,10 @@ def backbone_state_from_file(path: str | Path) -> tuple[dict[str, torch.Tensor],
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
+        from transferrable.checkpoints import load_failure
+
         raise WeightsError(
-            f"backbone.weights={str(path)!r}: not a loadable weights-only checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160]})"
+            f"backbone.weights={str(path)!r}: not a loadable weights-only checkpoint ({load_failure(err)})"
         ) from err
     arch = None
     if isinstance(blob, dict) and "state_dict" in blob:

@@ -138,6 +138,43 @@ def test_evaluate_checkpoint_refuses_other_files(tmp_path):
         runner.evaluate_checkpoint(foreign)
 
 
+class _CreatesFile:
+    """Unpickling this would create a file: a weights-only load refuses it without running it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.slow  # one eval.py subprocess
+def test_crafted_pickle_never_runs(make_cfg, tmp_path):
+    from transferrable.errors import find_user_error
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"backbone.stages.conv1.0.weight": _CreatesFile(marker)},
+                "run_config_yaml": "task_name: classify\n"}, evil)
+    ecfg = point_paths_at(compose_train([f"ckpt_path={evil}"], config_name="eval"), tmp_path / "eval")
+    with pytest.raises(Exception) as err:  # eval.py ckpt_path=
+        runner.evaluate_checkpoint(ecfg)
+    assert find_user_error(err.value) is err.value and "not a loadable weights-only checkpoint" in str(err.value)
+    for override in (f"ckpt_path={evil}", f"backbone.weights={evil}"):  # train.py: resume / initial weights
+        with pytest.raises(Exception) as err:
+            runner.train(make_cfg(*MINI, override, out=override.split("=")[0]))
+        user = find_user_error(err.value)  # what train.py prints (unwrapped from Hydra's InstantiationException)
+        msg = str(user)
+        assert user is not None and "\n" not in msg and "\x1b" not in msg, msg
+        assert f"{override.split('=')[0]}={str(evil)!r}: not a loadable weights-only checkpoint" in msg
+        assert "the pickle asks for code, refused: Unsupported global: GLOBAL io.open" in msg
+    assert not marker.exists()
+    p = _run("eval.py", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'cli'}")  # the command line: one line
+    assert p.returncode == 2 and not marker.exists(), p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: ckpt_path={str(evil)!r}: not a loadable")
+    assert "Traceback" not in p.stderr
+
+
 # -- the source representation cache ------------------------------------------------------------
 def test_source_key_ignores_only_weights_freeze_and_norm_eval():
     base = compose_train([])
@@ -294,3 +331,29 @@ def test_cli_unknown_backbone_lists_choices(tmp_path):
     assert "Could not find 'backbone/nonexistent'" in p.stderr
     for option in ("alexnet", "caffenet_mini", "resnet18", "resnet50", "vgg16"):
         assert option in p.stderr
+
+
+def test_every_torch_load_is_weights_only():
+    """A guard for new code: every ``torch.load`` passes ``weights_only=True``, every Lightning call given a
+    ``ckpt_path`` passes ``weights_only=True`` too, and no ``np.load`` allows pickles."""
+    import ast
+
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", ".venv") or any(p.startswith(".") for p in rel.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            kw = {k.arg: k.value for k in node.keywords}
+            name = f"{ast.unparse(node.func)}"
+            weights_only = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            if name == "torch.load" and not weights_only:
+                bad.append(f"{rel}:{node.lineno} {name} without weights_only=True")
+            if node.func.attr in ("fit", "test", "validate") and "ckpt_path" in kw and not weights_only:
+                bad.append(f"{rel}:{node.lineno} {name}(ckpt_path=...) without weights_only=True")
+            if name in ("np.load", "numpy.load") and isinstance(kw.get("allow_pickle"), ast.Constant) \
+                    and kw["allow_pickle"].value is not False:
+                bad.append(f"{rel}:{node.lineno} {name} with allow_pickle")
+    assert not bad, bad

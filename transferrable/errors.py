@@ -17,6 +17,19 @@ class TrainingFault(RuntimeError):
     """Training cannot go on (e.g. a NaN/Inf loss); the message says what was kept and how to resume."""
 
 
+class NonFiniteLossError(TrainingFault):
+    """A NaN/Inf loss: training stops before the bad step is applied."""
+
+
+def last_checkpoint_note(module) -> str:
+    """Where the last good checkpoint of ``module``'s run is, for a message that stops training."""
+    trainer = getattr(module, "_trainer", None)
+    cb = trainer.checkpoint_callback if trainer is not None else None
+    last = (cb.last_model_path or cb.best_model_path) if cb is not None else ""
+    return (f"the last good checkpoint is {last} (resume with ckpt_path={last})" if last
+            else "no checkpoint was written yet")
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     from datamodules.base import DatasetError
     from models.backbones import UnknownTapError
@@ -35,6 +48,19 @@ def find_user_error(err: BaseException | None) -> BaseException | None:
     return err if isinstance(err, user_error_types()) else None
 
 
+def one_line(err: BaseException) -> str:
+    """The user-facing line of ``err``. An error raised in a DataLoader worker comes back re-raised by PyTorch
+    as ``Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback ...``: its last line is the
+    original message (naming the file), which is what the user needs, not the worker's traceback."""
+    msg = str(err)
+    if msg.startswith("Caught ") and "Original Traceback" in msg:
+        worker = msg.split("\n", 1)[0].removeprefix(f"Caught {type(err).__name__} ").rstrip(".")
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+        original = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+        return f"{original} (raised {worker})"
+    return msg
+
+
 def exit_on_user_error(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -44,7 +70,7 @@ def exit_on_user_error(fn):
             err = find_user_error(exc)
             if err is None or "TRANSFERRABLE_TRACEBACK" in __import__("os").environ:
                 raise
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper

@@ -65,11 +65,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) the configured task; writes ``metrics.json`` in the run's output directory."""
     import lightning as L
 
+    from transferrable.archives import extract_configured_archive
     from transferrable.atomic import atomic_write_json
+    from transferrable.checkpoints import check_ckpt_path
     from transferrable.compat import check_task_dataset
     from transferrable.source import resolve_source_weights
 
     check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
+    check_ckpt_path(cfg)  # so does a ckpt_path that is missing, not weights-only, or of another task/backbone
+    extract_configured_archive(cfg)  # and an unsafe dataset.data_dir archive (a safe one is extracted once)
     resolve_source_weights(cfg)  # may pretrain first; seed afterwards so this run is the same either way
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -147,16 +151,14 @@ def _print_summary(cfg: DictConfig, trainer, metrics: dict, output_dir: Path) ->
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the run stored inside a checkpoint and test it; metrics JSON goes next to the checkpoint."""
-    import torch
-
     from transferrable.atomic import atomic_write_json
+    from transferrable.checkpoints import load_weights_only
+    from transferrable.errors import ConfigError
 
     ckpt_path = Path(os.path.expanduser(str(cfg.ckpt_path)))
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r}: no such checkpoint file")
-    blob = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    blob = load_weights_only(ckpt_path)  # weights-only: a crafted pickle is refused, never run
     if not isinstance(blob, dict) or "run_config_yaml" not in blob:
-        raise ValueError(f"ckpt_path={str(ckpt_path)!r}: not a checkpoint written by this suite's train.py")
+        raise ConfigError(f"ckpt_path={str(ckpt_path)!r}: not a checkpoint written by this suite's train.py")
     run_cfg = OmegaConf.create(blob["run_config_yaml"])
     with open_dict(run_cfg):
         run_cfg.backbone.weights = None  # the checkpoint's state_dict supplies every weight
