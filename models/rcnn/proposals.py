@@ -59,9 +59,19 @@ def clean_boxes(boxes: np.ndarray, width: int, height: int, min_size: float = 2.
     return b
 
 
+def _seed_c_rand(seed: int) -> None:
+    """OpenCV's selective search ranks its regions with the C library's ``rand()`` (level x random): unseeded, the
+    same image gives another box order -- and another top-``max_proposals`` set -- on every call. Seeding it
+    before each image makes the proposals a function of the image alone."""
+    import ctypes
+
+    ctypes.CDLL(None).srand(ctypes.c_uint(int(seed) & 0xFFFFFFFF))
+
+
 def selective_search(image: np.ndarray, mode: str = "fast", width: int | None = 500, min_size: float = 2.0,
-                     max_proposals: int | None = 2000, threads: int | None = 1) -> np.ndarray:
-    """Selective search boxes (see the module docstring) for a uint8 H x W x 3 RGB image."""
+                     max_proposals: int | None = 2000, threads: int | None = 1, seed: int = 0) -> np.ndarray:
+    """Selective search boxes (see the module docstring) for a uint8 H x W x 3 RGB image; ``seed`` seeds the
+    randomised ranking (the same image and seed give the same boxes in the same order)."""
     import cv2
 
     if mode not in SS_MODES:
@@ -78,6 +88,7 @@ def selective_search(image: np.ndarray, mode: str = "fast", width: int | None = 
     ss.setBaseImage(bgr)
     {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality,
      "single": ss.switchToSingleStrategy}[mode]()
+    _seed_c_rand(seed)
     rects = np.asarray(ss.process(), dtype=np.float32).reshape(-1, 4)  # x, y, w, h in the resized image
     boxes = np.stack([rects[:, 0], rects[:, 1], rects[:, 0] + rects[:, 2], rects[:, 1] + rects[:, 3]], 1)
     sx, sy = bgr.shape[1] / w, bgr.shape[0] / h
