@@ -8,7 +8,7 @@ it and, when the file is truncated, damaged, of another version or written for a
   holds the version, the key's hash and each array's shape, dtype and sha256 (``save_npz`` / ``load_npz``);
 * whole generated directories (scenes, videos, caption sets, video tuples): ``manifest.json`` lists every file
   with its size (``file_sizes`` / ``check_file_sizes``);
-* single files (weights, vocabularies, JSON data): a sidecar ``<name>.manifest.json`` with the file's size and
+* single files (source weights, BiGAN encoders, generated JSON): a sidecar ``<name>.manifest.json`` with the file's size and
   sha256 (``write_sidecar`` / ``check_sidecar``).
 """
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+ABSENT = "absent"
 
 
 class CacheWarning(UserWarning):
@@ -94,9 +95,10 @@ def file_sizes(root: str | Path, skip: tuple[str, ...] = (MANIFEST_NAME,)) -> di
 
 
 def check_file_sizes(root: str | Path, listed: dict[str, int] | None) -> str | None:
-    """Why the files under ``root`` do not match the manifest's list (missing, truncated), or None."""
+    """Why the files under ``root`` do not match the manifest's list (missing, truncated), or None. A manifest
+    from before file lists (``listed`` None) is left to the generator's own completeness checks."""
     if listed is None:
-        return "the manifest lists no files"
+        return None
     root = Path(root)
     for rel, size in listed.items():
         p = root / rel
@@ -105,6 +107,30 @@ def check_file_sizes(root: str | Path, listed: dict[str, int] | None) -> str | N
         if p.stat().st_size != size:
             return f"{rel} has {p.stat().st_size} bytes, the manifest says {size} (truncated?)"
     return None
+
+
+def directory_problem(root: str | Path, params: Any) -> str | None:
+    """Why the generated directory ``root`` cannot be used: its ``manifest.json`` does not parse, names other
+    parameters, or a file it lists is missing or has another size; None when it is complete. An absent
+    directory or manifest is ``ABSENT`` (nothing to warn about: it is simply built)."""
+    try:
+        m = json.loads((Path(root) / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        return ABSENT
+    except (OSError, ValueError) as err:
+        return f"unreadable manifest ({type(err).__name__})"
+    if not isinstance(m, dict):
+        return "unreadable manifest"
+    if m.get("params") != json.loads(json.dumps(params)):
+        return "it was generated with other parameters"
+    return check_file_sizes(root, m.get("files"))
+
+
+def warn_if_damaged(root: str | Path, params: Any, what: str) -> None:
+    """Before (re)building ``root``: a damaged one (not merely absent) is reported as such."""
+    why = directory_problem(root, params)
+    if why is not None and why != ABSENT:
+        warn_rebuild(what, root, why)
 
 
 # -- single files ---------------------------------------------------------------------------------------
@@ -148,3 +174,31 @@ def check_sidecar(path: str | Path, key: Any) -> str | None:
     if file_sha256(path) != m.get("sha256"):
         return "its checksum does not match the manifest"
     return None
+
+
+def usable_weights_file(path: str | Path, key: Any, what: str) -> bool:
+    """Whether the cached weights ``path`` (a ``torch.save``d dict with a ``state_dict``) can be used as is.
+
+    With a sidecar manifest: it must match (key, size, checksum). Without one (written before manifests) the
+    file is adopted -- a manifest written for it -- when it loads, so a finished source representation is never
+    retrained for want of a manifest. Anything else (truncated, damaged, another key) warns and returns False:
+    the caller rebuilds it."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    why = check_sidecar(path, key)
+    if why == "it has no manifest":
+        import torch
+
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            why = None if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict) else "no state_dict"
+        except Exception as err:  # noqa: BLE001 - a truncated zip raises anything from RuntimeError to EOFError
+            why = f"it does not load ({type(err).__name__}; truncated?)"
+        if why is None:
+            write_sidecar(path, key)
+            log.info("%s %s: manifest written for a file cached before manifests", what, path)
+    if why is not None:
+        warn_rebuild(what, path, why)
+        return False
+    return True
