@@ -556,7 +556,9 @@ class BiGANModule(L.LightningModule):
         h.update(self.s.knn_metric.encode())
         cache = Path(self.cache_dir) / "bigan" / f"raw_knn1_{h.hexdigest()[:16]}.json" if self.cache_dir else None
         if cache is not None and cache.is_file():
-            return _cached_acc(cache, qy)
+            acc = _cached_acc(cache, qy)
+            if acc is not None:
+                return acc
         pred, _ = knn1_predict(g.float() / 255.0, gy, q.float() / 255.0, self.s.knn_metric)
         if cache is not None:
             from transferrable.atomic import atomic_write_json
@@ -723,6 +725,16 @@ def _is_number(v: Any) -> bool:
         return False
 
 
-def _cached_acc(cache: Path, query_labels: torch.Tensor) -> float:
-    pred = torch.as_tensor(json.loads(cache.read_text())["predictions"])
+def _cached_acc(cache: Path, query_labels: torch.Tensor) -> float | None:
+    """The cached raw-pixel 1-NN accuracy, or None (with a ``CacheWarning``) when the file is damaged."""
+    from transferrable.manifest import warn_rebuild
+
+    try:
+        pred = torch.as_tensor(json.loads(cache.read_text())["predictions"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warn_rebuild("raw 1-NN cache", cache, f"it does not parse ({type(err).__name__})")
+        return None
+    if pred.shape != query_labels.shape:
+        warn_rebuild("raw 1-NN cache", cache, f"{len(pred)} predictions for {len(query_labels)} queries")
+        return None
     return float((pred == query_labels).double().mean())
