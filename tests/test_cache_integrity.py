@@ -226,3 +226,21 @@ def test_damaged_cache_warns_and_is_rebuilt_identically(kind, damage, fmnist_dir
         assert _equal(original, k.use(tmp_path))  # the rebuilt entry is valid and reused
     if kind in ("source_representation", "bigan_source"):
         assert len(made) == 2  # built once, rebuilt once, then reused
+
+
+def test_entries_cached_before_manifests_are_adopted_not_recomputed(tmp_path):
+    """A whole file from before manifests is used and given a manifest (no warning); a damaged one is not."""
+    from models.rcnn.proposals import ProposalCache
+    from transferrable.manifest import load_npz
+
+    cache = ProposalCache(tmp_path, method="selective_search", mode="single", width=96, max_proposals=80)
+    img = _photo()
+    legacy = np.array([[0, 0, 10, 10], [5, 5, 30, 20]], np.float32)
+    with open(cache.path("old"), "wb") as f:
+        np.savez(f, boxes=legacy, image_size=np.array([img.shape[1], img.shape[0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        assert np.array_equal(cache.get("old", img), legacy)
+    assert cache.stats["hits"] == 1 and cache.stats["misses"] == 0
+    arrays, why = load_npz(cache.path("old"), cache.key("old", img.shape[1], img.shape[0]), adopt=False)
+    assert why is None and np.array_equal(arrays["boxes"], legacy)  # it now carries its manifest

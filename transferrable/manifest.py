@@ -62,17 +62,24 @@ def save_npz(path: str | Path, arrays: dict[str, np.ndarray], key: Any) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_npz(path: str | Path, key: Any) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    """(arrays, None), or (None, why the file is unusable)."""
+def load_npz(path: str | Path, key: Any, adopt: bool = True) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """(arrays, None), or (None, why the file is unusable). A whole file written before manifests existed (no
+    ``__manifest__`` member) is adopted -- rewritten with one for ``key`` -- when ``adopt``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as err:  # noqa: BLE001 - a truncated zip raises anything from BadZipFile to EOFError
         return None, f"unreadable ({type(err).__name__})"
+    if "__manifest__" not in arrays:
+        if not adopt:
+            return None, "it has no manifest"
+        save_npz(path, arrays, key)
+        log.info("%s: manifest written for a file cached before manifests", path)
+        return arrays, None
     try:
         manifest = json.loads(str(arrays.pop("__manifest__")))
-    except (KeyError, ValueError):
-        return None, "no readable manifest"
+    except ValueError:
+        return None, "unreadable manifest"
     if manifest.get("version") != MANIFEST_VERSION:
         return None, f"manifest version {manifest.get('version')} != {MANIFEST_VERSION}"
     if manifest.get("key_hash") != key_hash(key):
