@@ -99,6 +99,50 @@ def test_rcnn_resumes_proposals_pool5_and_finished_svm_classes(fmnist_dir, tmp_p
     _same(whole, again)
 
 
+# -- LRCN: decoded frames and optical flow, one cache entry per video ---------------------------------------------
+def test_lrcn_frames_and_flow_recompute_only_the_missing_videos(fmnist_dir, tmp_path, monkeypatch):
+    import numpy as np
+
+    import datamodules.ucf101 as ucf
+    from datamodules.moving_objects import MovingObjectsDataModule
+
+    calls = {"decode": 0, "flow": 0}
+    real_decode, real_flow = ucf.decode_video, ucf.compute_flow
+
+    def decode(*a, **k):
+        calls["decode"] += 1
+        return real_decode(*a, **k)
+
+    def flow(*a, **k):
+        calls["flow"] += 1
+        return real_flow(*a, **k)
+
+    monkeypatch.setattr(ucf, "decode_video", decode)
+    monkeypatch.setattr(ucf, "compute_flow", flow)
+
+    def build():
+        dm = MovingObjectsDataModule(root=tmp_path / "videos", actions=["MoveLeft", "MoveRight"], n_groups=22,
+                                     clips_per_group=1, num_frames=4, video_size=16, source_dir=fmnist_dir,
+                                     modality="flow", cache_dir=tmp_path / "cache", frame_size=[16, 16],
+                                     input_size=16, clip_length=2, val_groups=0, progress=False)
+        dm.setup()
+        return {n: np.load(p) for ds in dm.splits.values() for n, p in zip(ds.names, ds.arrays, strict=True)}
+
+    first = build()
+    videos = calls["decode"]
+    assert videos == calls["flow"] == len(first) == 44
+    frames = sorted((tmp_path / "cache" / "frames").glob("*.npy"))
+    flows = sorted((tmp_path / "cache" / "flow").glob("*.npy"))
+    for p in frames[::4]:  # a quarter of the decoded videos and half of the flow fields are lost
+        p.unlink()
+    for p in flows[::2]:
+        p.unlink()
+    calls.update(decode=0, flow=0)
+    again = build()
+    assert calls == {"decode": len(frames[::4]), "flow": len(flows[::2])}
+    assert again.keys() == first.keys() and all(np.array_equal(first[k], again[k]) for k in first)
+
+
 # -- a GAN run with three optimisers, SIGKILLed mid-epoch --------------------------------------------------------
 BIGAN = ["task=bigan", "logger=none", "hardware=cpu", "trainer.precision=32-true", "trainer.deterministic=true",
          "bigan.hidden=[32,32]", "bigan.latent_dim=8", "bigan.bn_batches=2", "bigan.probe_max_train=200",
