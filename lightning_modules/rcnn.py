@@ -265,6 +265,38 @@ class RCNNModule(L.LightningModule):
         info["loss"] = float(trainer.callback_metrics.get("finetune/loss_epoch", float("nan")))
         return info
 
+    def finetune_key(self, trainer: L.Trainer, data: ImageSet) -> dict:
+        return {"version": CACHE_VERSION, "weights": state_digest(self), "finetune": self.ft,
+                "max_epochs": trainer.max_epochs, "seed": self.hparams.seed, "precision": str(trainer.precision),
+                "size": self.size, "pad": self.pad, "proposals": self._proposal_tag, "regions": data.num_regions,
+                "ids": hashlib.sha256("\n".join(data.ids).encode()).hexdigest()}
+
+    def finetune_or_reuse(self, trainer: L.Trainer, data: ImageSet, mean, std, output_dir: Path | None) -> dict:
+        """``finetune``, or the fine-tuned weights an earlier (interrupted) run in ``output_dir`` saved for the same
+        starting weights, data and settings (``finetuned.pt`` + its manifest, written after fine-tuning)."""
+        from transferrable.atomic import atomic_torch_save
+        from transferrable.manifest import check_sidecar, sidecar, warn_rebuild, write_sidecar
+
+        path = None if output_dir is None else Path(output_dir) / "finetuned.pt"
+        key = self.finetune_key(trainer, data)
+        if path is not None and path.is_file():
+            why = check_sidecar(path, key)
+            if why is None:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                self.load_state_dict(blob["state_dict"])
+                self.stats["finetune"] = "reused"
+                log.info("rcnn: fine-tuned weights reused from %s", path)
+                return {**json.loads(blob["info_json"]), "reused": True}
+            if why != "it has no manifest":  # no manifest: killed while saving, simply fine-tune again
+                warn_rebuild("fine-tuned R-CNN weights", path, why)
+        self.stats["finetune"] = "trained"
+        info = self.finetune(trainer, data, mean, std)
+        if path is not None and not info.get("skipped"):
+            sidecar(path).unlink(missing_ok=True)
+            atomic_torch_save(path, {"state_dict": self.state_dict(), "info_json": json.dumps(info, default=float)})
+            write_sidecar(path, key)
+        return info
+
     @torch.inference_mode()
     def window_accuracy(self, data: ImageSet, mean, std, batches: int = 8) -> dict:
         """Accuracy of the (N+1)-way head on ``batches`` fine-tuning-style minibatches (32 positive + 96
@@ -651,7 +683,7 @@ class RCNNModule(L.LightningModule):
                  len(train), info["proposals_per_image"]["train"], len(test), metrics["rcnn/proposal_recall"],
                  finetuned or "softmax" in self.scorings)
         if finetuned or "softmax" in self.scorings:
-            info["finetune"] = self.finetune(trainer, train, mean, std)
+            info["finetune"] = self.finetune_or_reuse(trainer, train, mean, std, output_dir)
             if int(hp.finetune_eval_batches) > 0 and not info["finetune"].get("skipped"):
                 # is the (N+1)-way head recognising objects, or only the training windows?
                 held = {"train": train}

@@ -1,6 +1,6 @@
 """Resume of the stages that are not a Lightning fit: an R-CNN run interrupted while extracting pool5 features, and
-again while training its per-class SVMs, picks up from what is on disk (proposals, the partial pool5 file, the
-finished classes' SVMs) and ends with exactly the metrics of an uninterrupted run; a GAN run SIGKILLed mid-epoch
+again while training its per-class SVMs, picks up from what is on disk (proposals, the fine-tuned weights, the
+partial pool5 file, the finished classes' SVMs) and ends with exactly the metrics of an uninterrupted run; a GAN run SIGKILLed mid-epoch
 and resumed with ``ckpt_path=last`` ends with the metrics of an uninterrupted one."""
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def test_rcnn_resumes_proposals_pool5_and_finished_svm_classes(fmnist_dir, tmp_p
     with pytest.raises(_Killed):
         _rcnn(fmnist_dir, run, cache, monkeypatch, built)
     second = built[-1]
+    assert built[1].stats["finetune"] == "trained" and second.stats["finetune"] == "reused"  # finetuned.pt
     assert second.stats["feature_cache_train"] == "resumed" and second.stats["pool5_images_computed_train"] == 3
     assert len(list((run / "svms").glob("svm-pool5-class*-stats-*.json"))) == 2
     monkeypatch.setattr(FeatureCache, "save", real_save)
@@ -91,6 +92,7 @@ def test_rcnn_resumes_proposals_pool5_and_finished_svm_classes(fmnist_dir, tmp_p
     assert with_model >= 3 and third.stats["svm_classes_trained"] == (with_model - 2) + with_model
     assert info["proposal_cache"]["misses"] == len(proposal_files[::2])
     assert third.stats["feature_cache_train"] == "hit" and third.stats["feature_cache_test"] == "hit"
+    assert third.stats["finetune"] == "reused"
     _same(whole, resumed)
 
     # 4. the same command once more: nothing left to compute
