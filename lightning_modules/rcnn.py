@@ -197,6 +197,7 @@ class RCNNModule(L.LightningModule):
         pool5_units: list[int] | None = None,
         draw_top_regions: int = 8,
         class_names: list[str] | None = None,
+        save_finetuned: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -277,7 +278,8 @@ class RCNNModule(L.LightningModule):
         from transferrable.atomic import atomic_torch_save
         from transferrable.manifest import check_sidecar, sidecar, warn_rebuild, write_sidecar
 
-        path = None if output_dir is None else Path(output_dir) / "finetuned.pt"
+        keep = output_dir is not None and self.hparams.get("save_finetuned", True)
+        path = Path(output_dir) / "finetuned.pt" if keep else None
         key = self.finetune_key(trainer, data)
         if path is not None and path.is_file():
             why = check_sidecar(path, key)
