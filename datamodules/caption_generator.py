@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from transferrable.atomic import publish_dir
+from transferrable.manifest import check_file_sizes, file_sizes, warn_if_damaged
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def is_complete(out: Path, params: dict) -> bool:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return manifest.get("params") == json.loads(json.dumps(params)) and all(
+    return manifest.get("params") == json.loads(json.dumps(params)) and check_file_sizes(out, manifest.get("files")) is None and all(
         (out / p).is_file() for p in ("annotations/captions_train2014.json", "annotations/captions_val2014.json",
                                       "dataset_coco.json"))
 
@@ -230,6 +231,7 @@ def write_caption_dataset(out: str | Path, voc_root: str | Path, params: dict, p
     if is_complete(out, params):
         log.info("scene_captions: reusing %s", out)
         return out
+    warn_if_damaged(out, params, "generated captions")
     out.parent.mkdir(parents=True, exist_ok=True)
     seed, n_caps = params["caption_seed"], params["captions_per_image"]
 
@@ -266,6 +268,7 @@ def write_caption_dataset(out: str | Path, voc_root: str | Path, params: dict, p
             atomic_write_json(tmp / "annotations" / f"captions_{folder}.json", blob)
         atomic_write_json(tmp / "dataset_coco.json", karpathy)
         counts = Counter(im["split"] for im in karpathy["images"])
-        atomic_write_json(tmp / "manifest.json", {"params": params, "images": dict(counts), "captions": ann_id})
+        atomic_write_json(tmp / "manifest.json", {"params": params, "images": dict(counts), "captions": ann_id,
+                                                  "files": file_sizes(tmp)})
 
     return publish_dir(out, write, lambda: is_complete(out, params))

@@ -49,6 +49,7 @@ from datamodules.scene_generator import (
     background_photos,
 )
 from transferrable.atomic import publish_dir
+from transferrable.manifest import check_file_sizes, file_sizes, warn_if_damaged
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def is_complete(root: str | Path, params: dict) -> bool:
     root = Path(root)
     try:
         manifest = json.loads((root / "manifest.json").read_text())
-        if manifest.get("params") != params:
+        if manifest.get("params") != params or check_file_sizes(root, manifest.get("files")) is not None:
             return False
         for _, action, g, c in _all_videos(params):
             if not (root / "UCF-101" / action / video_name(action, g, c)).is_file():
@@ -320,6 +321,7 @@ def generate_motions(out_dir: str | Path, progress: bool = True, **kwargs) -> Pa
     if is_complete(root, params):
         log.info("moving_objects: reusing %s", root)
         return root
+    warn_if_damaged(root, params, "generated videos")
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out_dir, key)
     videos = _all_videos(params)
@@ -341,5 +343,5 @@ def _write_dataset(root: Path, params: dict, videos: list, progress: bool) -> No
         d.mkdir(parents=True, exist_ok=True)
         write_avi(d / video_name(action, g, c), render_video(params, ci, g, c, images, photos))
     counts = _write_lists(root, params)
-    atomic_write_json(root / "manifest.json", {"generator": "datamodules.motion_generator", "params": params,
+    atomic_write_json(root / "manifest.json", {"files": file_sizes(root), "generator": "datamodules.motion_generator", "params": params,
                                                "videos": len(videos), "splits": counts})

@@ -47,6 +47,7 @@ import numpy as np
 
 from datamodules.base import DatasetError
 from transferrable.atomic import publish_dir
+from transferrable.manifest import check_file_sizes, file_sizes, warn_if_damaged
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def is_complete(root: str | Path, params: dict) -> bool:
         manifest = json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    if manifest.get("params") != params:
+    if manifest.get("params") != params or check_file_sizes(root, manifest.get("files")) is not None:
         return False
     try:
         ids = [i for s in SPLITS for i in _read_ids(root / "ImageSets" / "Main" / f"{s}.txt")]
@@ -286,6 +287,7 @@ def generate_scenes(
     if is_complete(root, params):
         log.info("scenes: reusing %s", root)
         return root
+    warn_if_damaged(root, params, "generated scenes")
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out_dir, name)
     why = "mismatched or partial" if root.exists() else "missing"
@@ -349,8 +351,9 @@ def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> None:
             lines = "".join(f"{i} {presence[i].get(cls, -1):2d}\n" for i in ids)
             _put(root / "ImageSets" / "Main" / f"{cls}_{split}.txt", lines.encode())
     per_image_arr = np.asarray(per_image)
-    # the manifest last, fsynced: its presence marks the directory complete
+    # the manifest last, fsynced: its presence marks the directory complete; it lists every file's size
     atomic_write_json(root / "manifest.json", {
+        "files": file_sizes(root),
         "generator": "datamodules.scene_generator",
         "version": GENERATOR_VERSION,
         "params": params,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -180,10 +181,17 @@ def mirror_flow(flow: np.ndarray) -> np.ndarray:
 
 
 class ArrayCache:
-    """One ``.npy`` per (video, settings) under ``root``, written atomically and memory-mapped on read."""
+    """One ``.npy`` per (video, settings) under ``root``, written atomically and memory-mapped on read.
+
+    Each ``<key>.npy`` has a manifest ``<key>.npy.manifest.json`` (version, key, shape, dtype, bytes) written
+    after it. An entry whose manifest does not parse or match, or whose ``.npy`` is truncated, is reported with
+    a ``CacheWarning`` and rebuilt; an entry from before manifests is adopted when it loads whole."""
+
+    VERSION = 1
 
     def __init__(self, root: str | Path):
         self.root = Path(os.path.expanduser(str(root)))
+        self.rebuilt = 0
 
     @staticmethod
     def key(video: Path, settings: dict) -> str:
@@ -194,22 +202,53 @@ class ArrayCache:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.npy"
 
+    def _manifest(self, kind: str, key: str, a: np.ndarray, nbytes: int) -> dict:
+        return {"version": self.VERSION, "kind": kind, "key": key, "shape": list(a.shape), "dtype": str(a.dtype),
+                "bytes": int(nbytes)}
+
     def get(self, kind: str, key: str) -> np.ndarray | None:
+        from transferrable.manifest import sidecar, warn_rebuild
+
         p = self.path(kind, key)
         if not p.is_file():
             return None
         try:
-            return np.load(p, mmap_mode="r")
-        except (OSError, ValueError):  # truncated by a crash before atomic writes, or foreign: rebuild
-            log.warning("rebuilding unreadable cache entry %s", p)
-            return None
+            a = np.load(p, mmap_mode="r")
+        except (OSError, ValueError) as err:  # truncated (the header promises more bytes than there are)
+            why = f"the .npy does not load ({type(err).__name__}; truncated?)"
+        else:
+            try:
+                m = json.loads(sidecar(p).read_text())
+                why = None if m == self._manifest(kind, key, a, p.stat().st_size) else "it does not match its manifest"
+            except FileNotFoundError:  # written before manifests, and whole: adopt it
+                self._write_manifest(kind, key, a, p)
+                return a
+            except (OSError, ValueError) as err:
+                why = f"unreadable manifest ({type(err).__name__})"
+            if why is None:
+                return a
+        self.rebuilt += 1
+        warn_rebuild(f"{kind} cache entry", p, why)
+        return None
+
+    def _write_manifest(self, kind: str, key: str, a: np.ndarray, p: Path) -> None:
+        from transferrable.atomic import atomic_write_json
+        from transferrable.manifest import sidecar
+
+        atomic_write_json(sidecar(p), self._manifest(kind, key, a, p.stat().st_size))
 
     def put(self, kind: str, key: str, array: np.ndarray) -> Path:
         from transferrable.atomic import atomic_write_bytes
+        from transferrable.manifest import sidecar
 
+        array = np.ascontiguousarray(array)
+        p = self.path(kind, key)
+        sidecar(p).unlink(missing_ok=True)  # the old manifest must not vouch for the new file mid-write
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(array))
-        return atomic_write_bytes(self.path(kind, key), buf.getvalue())
+        np.save(buf, array)
+        atomic_write_bytes(p, buf.getvalue())
+        self._write_manifest(kind, key, array, p)
+        return p
 
 
 # ---------------------------------------------------------------------------------------------------

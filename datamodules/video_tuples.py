@@ -103,18 +103,27 @@ def generate(params: dict) -> dict:
 
 
 def load_or_generate(root: Path, params: dict) -> dict:
+    """The tuples for ``params`` from ``<root>/<hash>`` (``video_tuples.json`` + a ``manifest.json`` listing its
+    size, written last), generated and written atomically when absent; a damaged entry warns and is rebuilt."""
     from transferrable.atomic import atomic_write_json
+    from transferrable.manifest import directory_problem, file_sizes, warn_if_damaged
 
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     out = root / key
-    try:
-        if json.loads((out / "manifest.json").read_text()).get("params") == params:
+    if directory_problem(out, params) is None:
+        try:
             return json.loads((out / "video_tuples.json").read_text())
-    except (OSError, ValueError):
-        pass
+        except (OSError, ValueError) as err:  # a manifest from before file lists, over a damaged file
+            from transferrable.manifest import warn_rebuild
+
+            warn_rebuild("video tuples", out, f"video_tuples.json does not parse ({type(err).__name__})")
+    else:
+        warn_if_damaged(out, params, "video tuples")
     data = generate(params)
+    (out / "manifest.json").unlink(missing_ok=True)  # the old manifest must not vouch for the new file mid-write
     atomic_write_json(out / "video_tuples.json", data)
-    atomic_write_json(out / "manifest.json", {"params": params, "videos": {s: len(v) for s, v in data.items()}})
+    atomic_write_json(out / "manifest.json", {"params": params, "videos": {s: len(v) for s, v in data.items()},
+                                              "files": file_sizes(out)})
     return data
 
 

@@ -217,13 +217,41 @@ def materialise_split(dataset, size: int, channels: int, batch_size: int = 512, 
     return SplitTensors(torch.cat(out), labels)
 
 
+class _EpochPermutation(torch.utils.data.Sampler):
+    """A shuffle that is a function of ``(seed, epoch)`` alone (Lightning calls ``set_epoch``): a run resumed from a
+    mid-training checkpoint sees the same batches in its next epochs as an uninterrupted run. (A ``RandomSampler``
+    with a generator seeded once would replay epoch 0's order after a resume.)"""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0] >> 1)
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed)).tolist())
+
+
+class _EpochBatchSampler(torch.utils.data.BatchSampler):
+    def set_epoch(self, epoch: int) -> None:  # the DataLoader's sampler is this one: pass the epoch on
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
 def _batch_sampler_loader(split: SplitTensors, batch_size: int, shuffle: bool, seed: int, drop_last: bool):
     """A DataLoader that indexes whole batches out of the in-memory tensors (no per-sample collation)."""
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+    from torch.utils.data import DataLoader, SequentialSampler, TensorDataset
 
     data = TensorDataset(split.images, split.labels)
-    base = RandomSampler(data, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(data)
-    return DataLoader(data, batch_size=None, sampler=BatchSampler(base, batch_size, drop_last=drop_last))
+    base = _EpochPermutation(len(data), seed) if shuffle else SequentialSampler(data)
+    # a private generator: creating an iterator draws a base seed, and a resumed run creates its first one at
+    # another point of the global RNG stream than an uninterrupted run does
+    return DataLoader(data, batch_size=None, sampler=_EpochBatchSampler(base, batch_size, drop_last=drop_last),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 # -- the module -------------------------------------------------------------------------------------
@@ -454,7 +482,11 @@ class BiGANModule(L.LightningModule):
         prior samples for G), instead of the running averages seen during training."""
         n = self.s.bn_batches
         reestimate_batchnorm(self.E, self._train_batches(n), lambda x: self.E(self.inputs(x)[0]))
-        reestimate_batchnorm(self.G, (self.sample_z(128)[0] for _ in range(n)), self.G)
+        # prior samples from a private generator: evaluation must not move the training's global RNG stream (a
+        # run resumed from an epoch-end checkpoint would otherwise draw other z than an uninterrupted one)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + 2)
+        reestimate_batchnorm(self.G, (self.prior.sample(128, generator=gen, device=self.device)[0] for _ in range(n)),
+                             self.G)
 
         def d_forward(x01):
             x_e, x_g = self.inputs(x01)
@@ -517,7 +549,9 @@ class BiGANModule(L.LightningModule):
         h.update(self.s.knn_metric.encode())
         cache = Path(self.cache_dir) / "bigan" / f"raw_knn1_{h.hexdigest()[:16]}.json" if self.cache_dir else None
         if cache is not None and cache.is_file():
-            return _cached_acc(cache, qy)
+            acc = _cached_acc(cache, qy)
+            if acc is not None:
+                return acc
         pred, _ = knn1_predict(g.float() / 255.0, gy, q.float() / 255.0, self.s.knn_metric)
         if cache is not None:
             from transferrable.atomic import atomic_write_json
@@ -684,6 +718,16 @@ def _is_number(v: Any) -> bool:
         return False
 
 
-def _cached_acc(cache: Path, query_labels: torch.Tensor) -> float:
-    pred = torch.as_tensor(json.loads(cache.read_text())["predictions"])
+def _cached_acc(cache: Path, query_labels: torch.Tensor) -> float | None:
+    """The cached raw-pixel 1-NN accuracy, or None (with a ``CacheWarning``) when the file is damaged."""
+    from transferrable.manifest import warn_rebuild
+
+    try:
+        pred = torch.as_tensor(json.loads(cache.read_text())["predictions"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warn_rebuild("raw 1-NN cache", cache, f"it does not parse ({type(err).__name__})")
+        return None
+    if pred.shape != query_labels.shape:
+        warn_rebuild("raw 1-NN cache", cache, f"{len(pred)} predictions for {len(query_labels)} queries")
+        return None
     return float((pred == query_labels).double().mean())

@@ -268,29 +268,36 @@ class RCNNModule(L.LightningModule):
         info = {"positive_windows": len(windows.pos), "background_windows": len(windows.bg)}
         if self.ft["iterations"] <= 0 or trainer.max_epochs == 0:
             return {**info, "skipped": True}
-        # the fine-tuned network is cached: the warp and roi_pool runs, the SVM and softmax runs and a rerun
-        # after a kill all start from the same fine-tuning, so it is computed once
-        key = hashlib.sha256(json.dumps({
-            "version": FINETUNE_CACHE_VERSION, "start": state_digest(self), "finetune": self.ft,
-            "epochs": trainer.max_epochs, "seed": self.hparams.seed, "size": self.size, "pad": self.pad,
-            "images": data.ids, "boxes": state_digest_arrays(data.boxes), "mean": list(map(float, mean)),
-            "std": list(map(float, std))}, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = None if self.finetune_cache_dir is None else self.finetune_cache_dir / f"{key}.pt"
-        if path is not None and path.exists():
-            try:
+        # the fine-tuned network is cached (with a manifest): the warp and roi_pool runs, the SVM and softmax
+        # runs and a rerun after a kill all start from the same fine-tuning, so it is computed once
+        from transferrable.atomic import atomic_torch_save
+        from transferrable.manifest import check_sidecar, sidecar, warn_rebuild, write_sidecar
+
+        key = {"version": FINETUNE_CACHE_VERSION, "start": state_digest(self), "finetune": self.ft,
+               "epochs": trainer.max_epochs, "seed": self.hparams.seed, "precision": str(trainer.precision),
+               "size": self.size, "pad": self.pad, "images": data.ids, "boxes": state_digest_arrays(data.boxes),
+               "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+        name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = None if self.finetune_cache_dir is None else self.finetune_cache_dir / f"{name}.pt"
+        if path is not None and path.is_file():
+            why = check_sidecar(path, key)
+            if why is None:
                 saved = torch.load(path, map_location="cpu", weights_only=True)
                 self.load_state_dict(saved["state_dict"])
+                self.stats["finetune"] = "reused"
                 log.info("rcnn: reusing the fine-tuned network %s", path)
-                return {**info, **saved["info"], "cache": "hit", "cache_path": str(path)}
-            except Exception as e:  # a truncated or foreign file is rebuilt, never used
-                log.warning("rcnn: fine-tuning cache %s is unreadable (%s); fine-tuning again", path, e)
+                return {**info, **json.loads(saved["info_json"]), "cache": "hit", "cache_path": str(path)}
+            if why != "it has no manifest":  # no manifest: killed while saving, simply fine-tune again
+                warn_rebuild("fine-tuned R-CNN network", path, why)
+        self.stats["finetune"] = "trained"
         t0 = time.perf_counter()
         trainer.fit(self, train_dataloaders=DataLoader(windows, batch_size=None, shuffle=True))
         info["seconds"] = time.perf_counter() - t0
         info["loss"] = float(trainer.callback_metrics.get("finetune/loss_epoch", float("nan")))
         if path is not None:
-            from transferrable.atomic import atomic_torch_save
-            atomic_torch_save(path, {"state_dict": self.state_dict(), "info": info})
+            sidecar(path).unlink(missing_ok=True)
+            atomic_torch_save(path, {"state_dict": self.state_dict(), "info_json": json.dumps(info, default=float)})
+            write_sidecar(path, key)
             info["cache_path"] = str(path)
         return info
 
@@ -387,40 +394,80 @@ class RCNNModule(L.LightningModule):
                 "dtype": self.hparams.feature_dtype, "bf16": bool(self.hparams.bf16)}
 
     def pool5_features(self, data: ImageSet, mean, std, cache_dir: Path | None) -> np.ndarray:
-        """pool5 of every region of ``data`` as a (read-only) np.memmap, computed once per key."""
+        """pool5 of every region of ``data`` as a (read-only) np.memmap, computed once per key.
+
+        Files under ``cache_dir``: ``pool5-<split>-<hash>.dat`` (rows, ``feature_dtype``) and its manifest ``.json``
+        (version, key, key hash, shape, dtype, bytes; written last). A manifest that does not parse, names another
+        key or shape, or a ``.dat`` of another size (truncated) is reported with a ``CacheWarning`` and rebuilt.
+        While it is being built the rows go to ``.pool5-<split>-<hash>.partial`` with a progress file saying how
+        many images are on disk (flushed before it is written): a run killed mid-extraction resumes from there.
+        """
+        import warnings
+
         from transferrable.atomic import atomic_write_json
+        from transferrable.feature_cache import key_hash
+        from transferrable.manifest import CacheWarning
 
         key = self.feature_key(data)
-        h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        h = key_hash(key)
         dtype = np.dtype(self.hparams.feature_dtype)
         shape = (data.num_regions, self.pool5_dim)
+        start = 0
+        self.stats[f"pool5_images_computed_{data.name}"] = 0
         if cache_dir is not None:
-            path, manifest = cache_dir / f"pool5-{data.name}-{h}.dat", cache_dir / f"pool5-{data.name}-{h}.json"
-            if manifest.is_file() and path.is_file():
+            stem = f"pool5-{data.name}-{h[:16]}"
+            path, manifest = cache_dir / f"{stem}.dat", cache_dir / f"{stem}.json"
+            partial, progress = cache_dir / f".{stem}.partial", cache_dir / f".{stem}.progress.json"
+            if manifest.is_file():
+                why = None
                 try:
                     m = json.loads(manifest.read_text())
-                    if m.get("key") == key and tuple(m["shape"]) == shape and path.stat().st_size == m["bytes"]:
-                        self.stats[f"feature_cache_{data.name}"] = "hit"
-                        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
-                except (ValueError, KeyError, OSError):
-                    pass
-                log.warning("pool5 cache %s unusable: recomputing", manifest)
+                    if m.get("version") != CACHE_VERSION or m.get("key_hash") != h or m.get("key") != key:
+                        why = "it names another key or version"
+                    elif tuple(m["shape"]) != shape or m["dtype"] != dtype.name:
+                        why = f"shape/dtype {m['shape']}/{m['dtype']} != {list(shape)}/{dtype.name}"
+                    elif not path.is_file() or path.stat().st_size != m["bytes"]:
+                        size = path.stat().st_size if path.is_file() else 0
+                        why = f"the .dat file has {size} bytes, the manifest says {m['bytes']} (truncated?)"
+                except (ValueError, KeyError, TypeError, OSError) as err:
+                    why = f"unreadable manifest ({type(err).__name__})"
+                if why is None:
+                    self.stats[f"feature_cache_{data.name}"] = "hit"
+                    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+                warnings.warn(f"pool5 cache {manifest} is unusable: {why}; rebuilding it", CacheWarning, stacklevel=2)
+                log.warning("pool5 cache %s unusable (%s): recomputing", manifest, why)
+                manifest.unlink(missing_ok=True)
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{time.time_ns()}.tmp")
-            arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=shape)
+            expected_bytes = int(np.prod(shape)) * dtype.itemsize
+            try:
+                done = json.loads(progress.read_text())
+                if done.get("key_hash") == h and partial.stat().st_size == expected_bytes:
+                    start = int(done["images"])
+            except (OSError, ValueError, KeyError, TypeError):
+                start = 0
+            arr = np.memmap(partial, dtype=dtype, mode="r+" if start else "w+", shape=shape)
+            if start:
+                log.info("rcnn: pool5 of %s resumes at image %d of %d (%s)", data.name, start, len(data), partial)
         else:
-            path = tmp = None
+            path = partial = None
             arr = np.zeros(shape, dtype)
-        self.stats[f"feature_cache_{data.name}"] = "miss"
+        self.stats[f"feature_cache_{data.name}"] = "miss" if not start else "resumed"
         self.eval()
-        for i in range(len(data)):
+        every = max(1, len(data) // 20)  # progress points: a kill loses at most ~5% of the extraction
+        for i in range(start, len(data)):
             arr[data.rows(i)] = self.image_pool5(data.images[i], data.boxes[i], mean, std)
+            self.stats[f"pool5_images_computed_{data.name}"] += 1
+            if partial is not None and ((i + 1) % every == 0) and i + 1 < len(data):
+                arr.flush()  # the rows reach the file before the progress file says they are there
+                atomic_write_json(progress, {"key_hash": h, "images": i + 1})
         if path is None:
             return arr
         arr.flush()
         del arr
-        tmp.replace(path)
-        atomic_write_json(manifest, {"key": key, "shape": list(shape), "dtype": dtype.name, "bytes": path.stat().st_size})
+        partial.replace(path)
+        progress.unlink(missing_ok=True)
+        atomic_write_json(manifest, {"version": CACHE_VERSION, "key": key, "key_hash": h, "shape": list(shape),
+                                     "dtype": dtype.name, "bytes": path.stat().st_size})
         return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
     @torch.inference_mode()
@@ -444,12 +491,44 @@ class RCNNModule(L.LightningModule):
         return self.head(fc7).softmax(1)[:, 1:].cpu().numpy()
 
     # -- SVMs and box regression ----------------------------------------------------------------------
-    def train_svms(self, data: ImageSet, feats: np.ndarray, scale: float) -> HardNegativeMiner:
+    def svm_store(self, output_dir: Path | None):
+        """Per-class SVMs of this run on disk (``<output_dir>/svms``, one entry + manifest per class and layer,
+        written atomically as each class finishes): a rerun in the same directory reuses the finished classes."""
+        from transferrable.feature_cache import FeatureCache
+
+        return None if output_dir is None else FeatureCache(Path(output_dir) / "svms")
+
+    def svm_key(self, data: ImageSet, layer: str, scale: float, c: int) -> dict:
+        return {"features": self.feature_key(data), "layer": layer, "scale": float(scale), "svm": self.svm_cfg,
+                "class": int(c), "num_classes": self.num_classes}
+
+    def train_svms(self, data: ImageSet, feats: np.ndarray, scale: float, layer: str = "fc7",
+                   store=None) -> HardNegativeMiner:
         c = self.svm_cfg
+        stat_names = ("positives", "cache", "peak_cache", "retrains")
+
+        def save(k: int) -> None:
+            key = self.svm_key(data, layer, scale, k)
+            store.save(f"svm-{layer}-class{k:03d}", key, np.append(miner.W[k], miner.b[k]).astype(np.float32))
+            st = miner.class_stats(k)
+            store.save(f"svm-{layer}-class{k:03d}-stats", key, np.array([st[n] for n in stat_names], np.int64))
+            self.stats["svm_classes_trained"] = self.stats.get("svm_classes_trained", 0) + 1
+
         miner = HardNegativeMiner(self.num_classes, feats.shape[1], C=c["C"], bias_multiplier=c["bias_multiplier"],
                                   pos_weight=c["pos_weight"], hard_threshold=c["hard_threshold"],
                                   easy_threshold=c["easy_threshold"], retrain_limit=c["retrain_limit"],
-                                  max_cache=c["max_cache"], max_iter=c["max_iter"])
+                                  max_cache=c["max_cache"], max_iter=c["max_iter"],
+                                  on_finished=None if store is None else save)
+        if store is not None:
+            for k in range(self.num_classes):
+                key = self.svm_key(data, layer, scale, k)
+                wb = store.load(f"svm-{layer}-class{k:03d}", key)
+                st = store.load(f"svm-{layer}-class{k:03d}-stats", key)
+                if wb is not None and st is not None and wb.shape == (feats.shape[1] + 1,):
+                    miner.restore(k, wb[:-1], float(wb[-1]), dict(zip(stat_names, st.tolist(), strict=True)))
+            self.stats["svm_classes_reused"] = self.stats.get("svm_classes_reused", 0) + int(miner.restored.sum())
+            if miner.restored.any():
+                log.info("rcnn: %s SVMs of %d classes reused from %s", layer, int(miner.restored.sum()), store.root)
         pos = defaultdict(list)
         for i in range(len(data)):
             g = data.gt[i]
@@ -459,11 +538,12 @@ class RCNNModule(L.LightningModule):
                     pos[int(lab)].append(feats[r])
         for k, v in pos.items():
             miner.set_positives(k, np.stack(v) * scale)
-        for i in range(len(data)):
-            g = data.gt[i]
-            X = feats[data.rows(i)] * scale
-            neg = class_max_iou(data.boxes[i], g["boxes"], g["labels"], self.num_classes) < c["neg_threshold"]
-            miner.add_image(X, neg)
+        if not miner.restored[miner.has_model].all():  # every class restored: no pass over the features
+            for i in range(len(data)):
+                g = data.gt[i]
+                X = feats[data.rows(i)] * scale
+                neg = class_max_iou(data.boxes[i], g["boxes"], g["labels"], self.num_classes) < c["neg_threshold"]
+                miner.add_image(X, neg)
         miner.finish()
         return miner
 
@@ -656,7 +736,7 @@ class RCNNModule(L.LightningModule):
                     # read chunk by chunk (fc6/fc7 computed per chunk): memory stays bounded as the cache grows
                     ftr = ChunkedRows(pool5_train, None if layer == "pool5" else partial(self.from_pool5, layer=layer))
                     scale = norm_scale(ftr[: min(len(ftr), 20000)], self.svm_cfg["feature_norm"])
-                    miner = self.train_svms(svm_data, ftr, scale)
+                    miner = self.train_svms(svm_data, ftr, scale, layer, self.svm_store(output_dir))
                     info[f"svm/{layer}"] = {"seconds": time.perf_counter() - t0, "feature_scale": scale, **miner.summary()}
                     del ftr
                 t1 = time.perf_counter()

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transferrable.atomic import atomic_write_bytes
+from transferrable.manifest import sidecar, usable_weights_file, write_sidecar
 from transferrable.source import (
     _as_overrides,
     check_dataset_choice,
@@ -75,9 +76,9 @@ def pretrain_bigan_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
     if not exported or not Path(exported).is_file():
         raise RuntimeError(f"[source] BiGAN training on {dataset} exported no encoder in {run_dir}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    shutil.copyfile(exported, tmp)
-    tmp.replace(path)
+    sidecar(path).unlink(missing_ok=True)  # the old manifest must not vouch for the new file mid-write
+    atomic_write_bytes(path, Path(exported).read_bytes())
+    write_sidecar(path, path.stem)
     print(f"[source] cached {path} (BiGAN test/knn1_acc={metrics.get('test/knn1_acc', float('nan')):.4f})", flush=True)
     return path
 
@@ -90,7 +91,7 @@ def resolve_bigan_weights(cfg: DictConfig) -> None:
     if "BiGANAlexNet" not in str(cfg.backbone.get("_target_")):
         raise ValueError(f"backbone.weights={spec!r} needs backbone=bigan_alexnet (the conv BiGAN encoder)")
     path = bigan_source_path(cfg, dataset)
-    if not path.is_file():
+    if not usable_weights_file(path, path.stem, "BiGAN encoder"):
         pretrain_bigan_source(cfg, dataset, path)
     else:
         log.info("using cached BiGAN encoder %s", path)

@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 
 from transferrable.atomic import atomic_write_bytes, atomic_write_json
+from transferrable.manifest import CacheWarning
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
 
-class FeatureCacheWarning(UserWarning):
+class FeatureCacheWarning(CacheWarning):
     """A cache entry was unusable (truncated, other key, other version) and is being rebuilt."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transferrable.manifest import sidecar, usable_weights_file, write_sidecar
+
 log = logging.getLogger(__name__)
 
 SOURCE_PREFIX = "source:"
@@ -122,6 +124,7 @@ def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
         raise RuntimeError(f"[source] pretraining on {dataset} produced no checkpoint in {run_dir}")
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
     state = {k[len("backbone."):]: v for k, v in blob["state_dict"].items() if k.startswith("backbone.")}
+    sidecar(path).unlink(missing_ok=True)  # the old manifest must not vouch for the new file mid-write
     atomic_torch_save(path, {
         "arch": blob.get("backbone_arch"),
         "state_dict": state,
@@ -129,6 +132,7 @@ def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
         "config_yaml": OmegaConf.to_yaml(pre.backbone),
     })
+    write_sidecar(path, path.stem)  # after the file: its presence vouches for a complete one
     print(f"[source] cached {path} (test/acc={metrics.get('test/acc', float('nan')):.4f})", flush=True)
     return path
 
@@ -146,7 +150,7 @@ def resolve_source_weights(cfg: DictConfig) -> None:
     dataset = spec[len(SOURCE_PREFIX):]
     check_dataset_choice(spec, dataset, what="source dataset")
     path = source_checkpoint_path(cfg, dataset)
-    if not path.is_file():
+    if not usable_weights_file(path, path.stem, "source representation"):
         pretrain_source(cfg, dataset, path)
     else:
         log.info("using cached source representation %s", path)

@@ -15,14 +15,14 @@ every image is scored; the whole image box is always among those windows.
 ``ProposalCache``: one ``.npz`` per image under the cache directory, named by image id + method + the
 parameters (mode, width, ...); it stores the image size it was computed for. A file whose stored size
 differs from the image's (a cache left from another image size with the same ids, e.g. regenerated scenes)
-is reported with a warning, counted as ``size_mismatch`` and recomputed; an unreadable file likewise
-(``corrupt``). Writes are atomic.
+is reported with a warning, counted as ``size_mismatch`` and recomputed; a truncated or damaged file, or one
+whose manifest (``transferrable.manifest.save_npz``: version, key hash, each array's shape, dtype and sha256)
+does not match, with a ``CacheWarning`` (``corrupt``). Writes are atomic.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferrable.atomic import atomic_write_bytes
+from transferrable.manifest import load_npz, save_npz, warn_rebuild
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,19 @@ def clean_boxes(boxes: np.ndarray, width: int, height: int, min_size: float = 2.
     return b
 
 
+def _seed_c_rand(seed: int) -> None:
+    """OpenCV's selective search ranks its regions with the C library's ``rand()`` (level x random): unseeded, the
+    same image gives another box order -- and another top-``max_proposals`` set -- on every call. Seeding it
+    before each image makes the proposals a function of the image alone."""
+    import ctypes
+
+    ctypes.CDLL(None).srand(ctypes.c_uint(int(seed) & 0xFFFFFFFF))
+
+
 def selective_search(image: np.ndarray, mode: str = "fast", width: int | None = 500, min_size: float = 2.0,
-                     max_proposals: int | None = 2000, threads: int | None = 1) -> np.ndarray:
-    """Selective search boxes (see the module docstring) for a uint8 H x W x 3 RGB image."""
+                     max_proposals: int | None = 2000, threads: int | None = 1, seed: int = 0) -> np.ndarray:
+    """Selective search boxes (see the module docstring) for a uint8 H x W x 3 RGB image; ``seed`` seeds the
+    randomised ranking (the same image and seed give the same boxes in the same order)."""
     import cv2
 
     if mode not in SS_MODES:
@@ -78,6 +88,7 @@ def selective_search(image: np.ndarray, mode: str = "fast", width: int | None = 
     ss.setBaseImage(bgr)
     {"fast": ss.switchToSelectiveSearchFast, "quality": ss.switchToSelectiveSearchQuality,
      "single": ss.switchToSingleStrategy}[mode]()
+    _seed_c_rand(seed)
     rects = np.asarray(ss.process(), dtype=np.float32).reshape(-1, 4)  # x, y, w, h in the resized image
     boxes = np.stack([rects[:, 0], rects[:, 1], rects[:, 0] + rects[:, 2], rects[:, 1] + rects[:, 3]], 1)
     sx, sy = bgr.shape[1] / w, bgr.shape[0] / h
@@ -136,27 +147,34 @@ class ProposalCache:
             boxes = sliding_windows(w, h, max_proposals=self.params.get("max_proposals"))
         return boxes
 
+    def key(self, image_id: str, width: int, height: int) -> dict:
+        return {"kind": "proposals", "method": self.method, "params": self.params, "image_id": image_id,
+                "image_size": [int(width), int(height)]}
+
     def get(self, image_id: str, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
         path = self.path(image_id)
         if path is not None and path.is_file():
-            try:
-                with np.load(path) as z:
-                    size, boxes = tuple(int(v) for v in z["image_size"]), z["boxes"].astype(np.float32)
-            except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
-                self.stats["corrupt"] += 1
-                log.warning("proposal cache %s unreadable (%s): recomputing", path, err)
-            else:
-                if size == (w, h):
-                    self.stats["hits"] += 1
-                    return boxes
+            arrays, why = load_npz(path, self.key(image_id, w, h))
+            size = tuple(int(v) for v in arrays["image_size"]) if arrays is not None else None
+            if arrays is None:
+                try:  # a file computed for another image size (regenerated scenes, same ids) is not damage
+                    with np.load(path, allow_pickle=False) as z:
+                        size = tuple(int(v) for v in z["image_size"])
+                except Exception:  # noqa: BLE001 - unreadable: reported below
+                    size = None
+            if size is not None and size != (w, h):
                 self.stats["size_mismatch"] += 1
                 log.warning("proposal cache %s was computed for a %dx%d image, this image is %dx%d: recomputing",
                             path, size[0], size[1], w, h)
+            elif arrays is None:
+                self.stats["corrupt"] += 1
+                warn_rebuild("proposal cache", path, why)
+            else:
+                self.stats["hits"] += 1
+                return arrays["boxes"].astype(np.float32)
         self.stats["misses"] += 1
         boxes = self.compute(image)
         if path is not None:
-            buf = io.BytesIO()
-            np.savez(buf, boxes=boxes, image_size=np.array([w, h]))
-            atomic_write_bytes(path, buf.getvalue())
+            save_npz(path, {"boxes": boxes, "image_size": np.array([w, h])}, self.key(image_id, w, h))
         return boxes

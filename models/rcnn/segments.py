@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 import json
 import logging
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferrable.atomic import atomic_write_bytes
+from transferrable.manifest import load_npz, save_npz, warn_rebuild
 
 log = logging.getLogger(__name__)
 
@@ -247,27 +246,35 @@ class SegmentCache:
     def path(self, image_id: str) -> Path | None:
         return None if self.dir is None else self.dir / f"{_safe(image_id)}.{self.tag}.npz"
 
+    def key(self, image_id: str, width: int, height: int) -> dict:
+        return {"kind": "segments", "params": self.proposals.params, "max_regions": self.proposals.max_regions,
+                "image_id": image_id, "image_size": [int(width), int(height)]}
+
     def get(self, image_id: str, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(masks bool R x H x W, boxes float32 R x 4) of one image."""
         h, w = image.shape[:2]
         path = self.path(image_id)
         if path is not None and path.is_file():
-            try:
-                with np.load(path) as z:
-                    size = tuple(int(v) for v in z["image_size"])
-                    n = int(z["count"])
-                    masks = np.unpackbits(z["masks"], count=n * h * w).reshape(n, h, w).astype(bool) if size == (w, h) else None
-                    boxes = z["boxes"].astype(np.float32)
-            except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
-                self.stats["corrupt"] += 1
-                log.warning("segment cache %s unreadable (%s): recomputing", path, err)
-            else:
-                if masks is not None:
-                    self.stats["hits"] += 1
-                    return masks, boxes
+            z, why = load_npz(path, self.key(image_id, w, h))
+            size = tuple(int(v) for v in z["image_size"]) if z is not None else None
+            if z is None:
+                try:  # computed for another image size (regenerated scenes, same ids): not damage
+                    with np.load(path, allow_pickle=False) as old:
+                        size = tuple(int(v) for v in old["image_size"])
+                except Exception:  # noqa: BLE001 - unreadable: reported below
+                    size = None
+            if size is not None and size != (w, h):
                 self.stats["size_mismatch"] += 1
                 log.warning("segment cache %s was computed for a %dx%d image, this image is %dx%d: recomputing",
                             path, size[0], size[1], w, h)
+            elif z is None:
+                self.stats["corrupt"] += 1
+                warn_rebuild("segment cache", path, why)
+            else:
+                self.stats["hits"] += 1
+                n = int(z["count"])
+                masks = np.unpackbits(z["masks"], count=n * h * w).reshape(n, h, w).astype(bool)
+                return masks, z["boxes"].astype(np.float32)
         self.stats["misses"] += 1
         before = self.proposals.stats["whole_image_fallback"]
         masks, boxes = self.proposals.compute(image)
@@ -276,8 +283,6 @@ class SegmentCache:
             log.warning("image %s: no region of at least min_area=%g; using the whole image as its one region",
                         image_id, self.proposals.min_area)
         if path is not None:
-            buf = io.BytesIO()
-            np.savez_compressed(buf, masks=np.packbits(masks.ravel()), boxes=boxes, count=np.array(len(masks)),
-                                image_size=np.array([w, h]))
-            atomic_write_bytes(path, buf.getvalue())
+            save_npz(path, {"masks": np.packbits(masks.ravel()), "boxes": boxes, "count": np.array(len(masks)),
+                            "image_size": np.array([w, h])}, self.key(image_id, w, h))
         return masks, boxes

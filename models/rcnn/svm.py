@@ -15,6 +15,10 @@ candidate, since a zero model scores 0) join the class's negative cache. When a 
 still larger than ``max_cache``, only the ``max_cache`` highest-scoring (hardest) are kept. ``finish``
 retrains every class with new negatives since its last training. The cache holds feature rows
 (``max_cache x D`` float32 per class at most, plus one image's candidates).
+
+Classes are independent (a class's model depends only on its positives and its negatives' features), so a
+class finished in an earlier, interrupted run can be restored (``restore``) and is then skipped by the pass;
+``on_finished(c)`` is called as soon as each class's final model exists (R-CNN saves it to disk there).
 """
 
 from __future__ import annotations
@@ -54,12 +58,15 @@ def fit_linear_svm(pos: np.ndarray, neg: np.ndarray, C: float = 1e-3, bias_multi
 class HardNegativeMiner:
     def __init__(self, num_classes: int, dim: int, C: float = 1e-3, bias_multiplier: float = 10.0,
                  pos_weight: float = 2.0, hard_threshold: float = -1.0001, easy_threshold: float = -1.2,
-                 retrain_limit: int = 2000, max_cache: int = 20000, max_iter: int = 5000, fit=None):
+                 retrain_limit: int = 2000, max_cache: int = 20000, max_iter: int = 5000, fit=None, on_finished=None):
         self.num_classes, self.dim = num_classes, dim
         self.svm_kw = dict(C=C, bias_multiplier=bias_multiplier, pos_weight=pos_weight, max_iter=max_iter)
         self.hard_threshold, self.easy_threshold = hard_threshold, easy_threshold
         self.retrain_limit, self.max_cache = int(retrain_limit), int(max_cache)
         self.fit = fit or fit_linear_svm
+        self.on_finished = on_finished
+        self.restored = np.zeros(num_classes, bool)
+        self.restored_stats: dict[int, dict] = {}
         self.W = np.zeros((num_classes, dim), np.float32)
         self.b = np.zeros(num_classes, np.float32)
         self.trained = np.zeros(num_classes, bool)
@@ -82,7 +89,7 @@ class HardNegativeMiner:
         proposal is a negative candidate for the class (IoU < 0.3 with every ground-truth box of it)."""
         X = np.asarray(X, np.float32)
         for c in range(self.num_classes):
-            if len(self.pos[c]) == 0:
+            if len(self.pos[c]) == 0 or self.restored[c]:
                 continue
             cand = X[negative_mask[:, c]]
             if len(cand) == 0:
@@ -116,18 +123,35 @@ class HardNegativeMiner:
                 neg = neg[np.sort(top)]
             self.cache[c] = neg
 
+    def restore(self, c: int, w: np.ndarray, b: float, stats: dict) -> None:
+        """Class ``c``'s final model from an earlier run: the pass skips it from now on."""
+        self.W[c], self.b[c] = np.asarray(w, np.float32), float(b)
+        self.trained[c] = self.restored[c] = True
+        self.restored_stats[c] = dict(stats)
+
     def finish(self) -> None:
         for c in range(self.num_classes):
-            if len(self.pos[c]) and (self.new_since_train[c] > 0 or not self.trained[c]):
+            if self.restored[c] or not len(self.pos[c]):
+                continue
+            if self.new_since_train[c] > 0 or not self.trained[c]:
                 self.retrain(c)
+            if self.on_finished is not None:
+                self.on_finished(c)
+
+    def class_stats(self, c: int) -> dict:
+        if c in self.restored_stats:
+            return self.restored_stats[c]
+        return {"positives": len(self.pos[c]), "cache": len(self.cache[c]), "peak_cache": int(self.peak_cache[c]),
+                "retrains": int(self.retrains[c])}
 
     @property
     def has_model(self) -> np.ndarray:
         return np.array([len(p) > 0 for p in self.pos])
 
     def summary(self) -> dict:
-        return {"positives": [len(p) for p in self.pos], "cache": [len(n) for n in self.cache],
-                "peak_cache": self.peak_cache.tolist(), "retrains": self.retrains.tolist()}
+        per_class = [self.class_stats(c) for c in range(self.num_classes)]
+        return {k: [s[k] for s in per_class] for k in ("positives", "cache", "peak_cache", "retrains")} | {
+            "restored_classes": int(self.restored.sum())}
 
 
 def train_svms(batches: Sequence[tuple[np.ndarray, np.ndarray]], positives: Sequence[np.ndarray], **kw) -> HardNegativeMiner:
