@@ -388,7 +388,7 @@ class DecafModule(L.LightningModule):
         if is_hub_spec(spec):
             return str(spec)
         if Path(str(spec)).is_file():
-            from transferrable.feature_cache import file_sha256
+            from transferrable.manifest import file_sha256
 
             return f"sha256:{file_sha256(spec)}"
         return str(spec)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from transferrable.atomic import atomic_write_bytes, atomic_write_json
-from transferrable.manifest import CacheWarning
+from transferrable.manifest import CacheWarning, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ def key_hash(key: dict[str, Any]) -> str:
     """sha256 of the key's canonical JSON (sorted keys), hex."""
     blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_sha256(module) -> str:
