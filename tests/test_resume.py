@@ -43,6 +43,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(fmnist_dir, 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
+    print("uninterrupted vs killed+resumed:", {k: (a[k], b[k]) for k in ("test/acc", "test/loss", "val/loss", "train/loss_epoch")})
     for key in ("test/acc", "test/loss", "val/loss", "train/loss_epoch"):
         assert b[key] == pytest.approx(a[key], abs=1e-6), key
 

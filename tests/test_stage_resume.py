@@ -176,5 +176,6 @@ def test_bigan_sigkilled_mid_epoch_resumes_to_the_uninterrupted_metrics(fmnist_d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
+    print("BiGAN uninterrupted vs killed+resumed:", {k: (a[k], b[k]) for k in sorted(a) if k.startswith(("test/", "train/"))})
     _same(a, b)
     assert "test/knn1_acc" in a
