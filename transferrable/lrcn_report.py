@@ -87,7 +87,10 @@ def _groups(runs: list[dict]) -> dict[tuple, dict[tuple[str, str], dict]]:
 
 
 def _mean_std(values: Sequence[float]) -> list[float] | None:
-    return [float(np.mean(values)), float(np.std(values))] if values else None
+    # one run: the value alone (no fake "± 0.00"); several (e.g. splits 1-3): mean and std
+    if not values:
+        return None
+    return [float(np.mean(values)), float(np.std(values)) if len(values) > 1 else None]
 
 
 def table_4_1(groups: dict) -> dict:
@@ -132,11 +135,12 @@ def _per_class_delta(groups: dict, a: tuple[str, str], b: tuple[str, str]) -> tu
 
 
 def delta_table(title: str, classes: list[str], delta: np.ndarray, top: int = 10) -> str:
-    """Thesis layout: the largest gains (left pair of columns) beside the largest losses (right pair)."""
+    """Thesis layout: the largest gains (left pair of columns) beside the largest losses (right pair); when
+    no class loses, the right pair holds the smallest gains, so the columns say largest / smallest."""
     order = [i for i in np.argsort(-delta) if np.isfinite(delta[i])]
     n = min(top, (len(order) + 1) // 2)
     gains, losses = order[:n], order[::-1][: len(order) - n][:n]
-    lines = [f"**{title}**", "", "| Label | Δ | Label | Δ |", "|---|---|---|---|"]
+    lines = [f"**{title}**", "", "| Label | Δ (largest) | Label | Δ (smallest) |", "|---|---|---|---|"]
     for r in range(n):
         left = f"{classes[gains[r]]} | {delta[gains[r]]:+.2f}"
         right = f"{classes[losses[r]]} | {delta[losses[r]]:+.2f}" if r < len(losses) else " | "
