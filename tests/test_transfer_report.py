@@ -28,7 +28,8 @@ def _fake_sweep(root, extra_seed: bool = False):
     job = 0
     for i, weights in enumerate(SOURCES):  # Hydra's job order: the last sweep parameter varies fastest
         for j, freeze in enumerate(LAYERS):
-            _write_run(root / str(job), ["experiment=bigan_transfer", f"backbone.weights={weights}",
+            # as Hydra writes a swept value into overrides.yaml: its ':' escaped
+            _write_run(root / str(job), ["experiment=bigan_transfer", "backbone.weights=" + weights.replace(":", "\\:"),
                                          f"backbone.freeze={freeze}"], _acc(i, j))
             job += 1
     if extra_seed:  # a second seed of one cell: that cell becomes mean ± std
@@ -48,7 +49,7 @@ def test_table_5_2_pivot_rows_sources_columns_frozen_layers(tmp_path):
         cells = [float(c) for c in row.split("|")[2:7]]
         assert cells == pytest.approx([100 * _acc(i, j) for j in range(5)], abs=0.005)
     assert "Table 5.2" in report and (tmp_path / "report.md").read_text() == report
-    assert report.count("| bigan:fashion_mnist |") == 5  # the per-run table is still there above it
+    assert report.count("| bigan\\:fashion_mnist |") == 5  # the per-run table is still there above it
 
 
 def test_repeated_cells_average_and_missing_cells_dash(tmp_path):

@@ -21,15 +21,16 @@ RANDOM_SPECS = ("null", "None", "none", "~", "")
 
 def source_label(spec: str) -> str:
     """A ``backbone.weights`` value as the thesis names the row."""
-    kind, _, name = str(spec).partition(":")
+    spec = str(spec).replace("\\:", ":")  # Hydra writes a sweep value's ':' escaped in overrides.yaml
+    kind, _, name = spec.partition(":")
     pretty = DATASET_NAMES.get(name, name)
-    if str(spec) in RANDOM_SPECS:
+    if spec in RANDOM_SPECS:
         return "Random"
     if kind == "bigan" and name:
         return "BiGAN (ours)" if name == "fashion_mnist" else f"BiGAN (ours, {pretty})"
     if kind == "source" and name:
         return f"Supervised ({pretty})"
-    return str(spec)  # a checkpoint path: shown as given
+    return spec  # a checkpoint path: shown as given
 
 
 def _row_order(spec: str) -> tuple[int, str]:
