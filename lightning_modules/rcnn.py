@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.backbones import TapBackbone
 from models.rcnn.bbox_regression import BoxRegressor
-from models.rcnn.feature_rows import ChunkedRows
+from models.rcnn.feature_rows import ChunkedRows, RegionIndex
 from models.rcnn.proposals import ProposalCache
 from models.rcnn.regions import (
     assign_labels,
@@ -100,7 +100,7 @@ def state_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-class ImageSet:
+class ImageSet(RegionIndex):
     """One split in memory: images, ground truth, proposals and the region list used for features."""
 
     def __init__(self, name: str, items: list[dict], proposals: list[np.ndarray], with_gt: bool):
@@ -117,16 +117,6 @@ class ImageSet:
             self.is_gt.append(np.concatenate([np.ones(len(g), bool), np.zeros(len(p), bool)]))
         counts = [len(b) for b in self.boxes]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def num_regions(self) -> int:
-        return int(self.offsets[-1])
-
-    def rows(self, i: int) -> slice:
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
 
 class WindowBatches(Dataset):

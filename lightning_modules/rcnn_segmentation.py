@@ -45,6 +45,7 @@ import torch
 
 from lightning_modules.rcnn import _as_list
 from models.backbones import TapBackbone
+from models.rcnn.feature_rows import RegionIndex
 from models.rcnn.regions import scaled_pad
 from models.rcnn.seg_regions import paste_labels, region_quality, warp_full_and_fg
 from models.rcnn.segments import SegmentCache, SegmentProposals
@@ -61,7 +62,7 @@ FINETUNE = ("none", "detection")
 CACHE_VERSION = 1
 
 
-class SegSplit:
+class SegSplit(RegionIndex):
     """One split in memory: ground truth, packed region masks, boxes, row offsets into the feature arrays."""
 
     def __init__(self, name: str, items: list[dict], regions: list[tuple[np.ndarray, np.ndarray]]):
@@ -75,16 +76,6 @@ class SegSplit:
         self.counts = [len(m) for m, _ in regions]
         self.boxes = [b for _, b in regions]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def num_regions(self) -> int:
-        return int(self.offsets[-1])
-
-    def rows(self, i: int) -> slice:
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     def masks(self, i: int) -> np.ndarray:
         h, w = self.shapes[i]

@@ -90,3 +90,21 @@ class ChunkedRows:
                 raise IndexError("ChunkedRows supports contiguous slices only")
             return self._rows(start, max(start, stop))
         raise TypeError(f"ChunkedRows indices are ints or slices, not {type(key).__name__}")
+
+
+class RegionIndex:
+    """Images whose regions are stacked as rows of one feature matrix: image ``i`` owns rows
+    ``offsets[i]:offsets[i + 1]``. Subclasses set ``ids`` and ``offsets`` (R-CNN's and segmentation's splits)."""
+
+    ids: list[str]
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.offsets[-1])
+
+    def rows(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
