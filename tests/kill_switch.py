@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class KillAtStep(L.Callback):
@@ -16,3 +21,11 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_train(args: list[str], run_dir, *extra: str) -> subprocess.CompletedProcess:
+    """``python train.py <args> hydra.run.dir=<run_dir> <extra>`` in a subprocess that must not touch a shared
+    cache (the kill/resume tests run the same command twice, killed once)."""
+    env = {**os.environ, "TRANSFERRABLE_CACHE": "/nonexistent-cache-should-not-be-used"}
+    return subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)

@@ -4,14 +4,11 @@ with exactly the metrics of an uninterrupted run with the same seed (determinist
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from kill_switch import run_train
 
 TINY = ["logger=none", "hardware=cpu", "trainer.precision=32-true", "trainer.deterministic=true",
         "dataset.batch_size=32", "dataset.eval_batch_size=100", "trainer.max_epochs=3",
@@ -20,10 +17,8 @@ TINY = ["logger=none", "hardware=cpu", "trainer.precision=32-true", "trainer.det
         "trainer.enable_model_summary=false", "~callbacks.model_summary", "seed=3"]
 
 
-def _train(run_dir, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRANSFERRABLE_CACHE": "/nonexistent-cache-should-not-be-used"}
-    return subprocess.run([sys.executable, "train.py", *TINY, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+def _train(run_dir, *extra: str):
+    return run_train(TINY, run_dir, *extra)
 
 
 @pytest.mark.slow

@@ -6,15 +6,13 @@ and resumed with ``ckpt_path=last`` ends with the metrics of an uninterrupted on
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_train, point_paths_at
+from conftest import compose_train, point_paths_at
+from kill_switch import run_train
 from test_determinism import QUIET, TASKS, _comparable
 
 import transferrable.runner as runner
@@ -153,10 +151,8 @@ BIGAN = ["task=bigan", "logger=none", "hardware=cpu", "trainer.precision=32-true
          "trainer.enable_model_summary=false", "~callbacks.model_summary", "seed=3"]
 
 
-def _bigan(run_dir, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRANSFERRABLE_CACHE": "/nonexistent-cache-should-not-be-used"}
-    return subprocess.run([sys.executable, "train.py", *BIGAN, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+def _bigan(run_dir, *extra: str):
+    return run_train(BIGAN, run_dir, *extra)
 
 
 @pytest.mark.slow
