@@ -8,7 +8,9 @@
    windows, positives = proposals/GT with IoU >= 0.5 to a ground-truth box (its class), the rest background;
    every minibatch holds ``positives`` (32) positive and ``background`` (96) windows drawn from all training
    images; lr 1/10 of the pretraining lr (``task=classify``: 0.1 -> 0.01), x0.1 every ``step_epochs``.
-   ``trainer.max_epochs`` epochs of ``iterations`` minibatches. With ``backbone.freeze=all`` only the head
+   ``trainer.max_epochs`` epochs of ``iterations`` minibatches. ``finetune.windows=roi_pool`` (the default
+   when ``feature_mode=roi_pool``) fine-tunes the Fast R-CNN way instead: ``roi_images`` whole images per
+   minibatch, their regions RoI-pooled from each image's conv5 map. With ``backbone.freeze=all`` only the head
    trains (needed by softmax scoring; skipped for SVM-only runs) -- the "no fine-tuning" rows;
 3. pool5 of every region (train: GT boxes + proposals; test: proposals) written once to a memory-mapped
    file under ``${paths.cache_dir}/rcnn_features`` keyed by the weights' hash, the feature mode, geometry,
@@ -159,6 +161,37 @@ class WindowBatches(Dataset):
         return warp_regions_multi(imgs, bxs, self.size, self.pad), torch.cat(ys)
 
 
+class RoiBatches(WindowBatches):
+    """Fast R-CNN minibatches for fine-tuning through RoI pooling (``finetune.windows=roi_pool``): item k is
+    ``images`` whole images (drawn with a per-item seed) and (``positives`` + ``background``) / ``images``
+    proposals of each, positives first (as many as the image has, up to its share), so that the conv map of
+    each image is computed once and shared by its regions, as at test time in ``feature_mode=roi_pool``."""
+
+    def __init__(self, *args, images: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.per_batch = max(1, int(images))
+        self.usable = np.array([i for i, lab in enumerate(self.labels) if len(lab)], np.int64)
+
+    def __getitem__(self, k: int):
+        rng = np.random.default_rng([self.seed, k])
+        chosen = rng.choice(self.usable, min(self.per_batch, len(self.usable)), replace=False)
+        per_image = max(1, (self.n_pos + self.n_bg) // len(chosen))
+        pos_share = max(0, self.n_pos // len(chosen))
+        imgs, bxs, ys = [], [], []
+        for i in chosen:
+            lab = self.labels[i]
+            fg, bg = np.flatnonzero(lab > 0), np.flatnonzero(lab == 0)
+            take = [rng.choice(fg, min(pos_share, len(fg)), replace=False)] if len(fg) else []
+            n_bg = per_image - sum(len(t) for t in take)
+            pool = bg if len(bg) else fg
+            take.append(rng.choice(pool, n_bg, replace=len(pool) < n_bg))
+            j = np.concatenate(take)
+            imgs.append(self._tensor(int(i)))
+            bxs.append(torch.from_numpy(self.data.boxes[i][j]))
+            ys.append(torch.from_numpy(lab[j]))
+        return imgs, bxs, torch.cat(ys)
+
+
 class RCNNModule(L.LightningModule):
     REQUIRES_DATA = ("images", "boxes")  # checked against the dataset before any work (transferrable/compat.py)
 
@@ -212,7 +245,9 @@ class RCNNModule(L.LightningModule):
         self.proposal_cfg = dict(proposals or {})
         self.ft = {"iterations": 50, "positives": 32, "background": 96, "fg_threshold": 0.5, "lr": 0.01,
                    "momentum": 0.9, "weight_decay": 5e-4, "step_epochs": 10, "gamma": 0.1, "head_lr_mult": 10.0,
-                   **(finetune or {})}
+                   "windows": "warp", "roi_images": 2, **(finetune or {})}
+        if self.ft["windows"] not in FEATURE_MODES:
+            raise ValueError(f"rcnn.finetune.windows={self.ft['windows']}: expected one of {list(FEATURE_MODES)}")
         self.svm_cfg = {"C": 1e-3, "bias_multiplier": 10.0, "pos_weight": 2.0, "hard_threshold": -1.0001,
                         "easy_threshold": -1.2, "retrain_limit": 2000, "max_cache": 20000, "neg_threshold": 0.3,
                         "feature_norm": 20.0, "max_iter": 5000, **(svm or {})}
@@ -229,9 +264,45 @@ class RCNNModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone.forward_taps(x, "fc7")["fc7"])
 
+    def roi_pool5(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """pool5 rows (R x D) of ``boxes`` (image pixels) pooled from one image's shared conv5 map (resized by
+        ``roi_scale``): torchvision's RoI max pooling onto the pool5 grid. Differentiable, so fine-tuning
+        through it (``finetune.windows=roi_pool``) trains the network the way roi_pool features use it."""
+        from torchvision.ops import roi_pool
+
+        scale = float(self.hparams.roi_scale)
+        if scale != 1.0:
+            image = nn.functional.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
+        image = image.to(self.device)
+        if self.hparams.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        fmap = self.backbone.forward_taps(image, "conv5")["conv5"].float()
+        stride = image.shape[-1] / fmap.shape[-1]
+        rois = torch.cat([torch.zeros(len(boxes), 1), boxes.float().cpu() * scale], 1).to(fmap.device)
+        g = self.pool5_grid
+        return roi_pool(fmap, rois, output_size=(g, g), spatial_scale=1.0 / stride).flatten(1)
+
+    def window_logits(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of a fine-tuning minibatch: warped windows (x, y) or RoI batches (images, boxes, y)."""
+        if len(batch) == 2:
+            x, y = batch
+            return self(x), y
+        images, boxes, y = batch
+        pool5 = torch.cat([self.roi_pool5(im, b) for im, b in zip(images, boxes, strict=True)])
+        fc7 = self.backbone.stages["fc7"](self.backbone.stages["fc6"](pool5))
+        return self.head(fc7), y
+
+    def windows(self, data: ImageSet, iterations: int, mean, std, seed: int) -> WindowBatches:
+        """Fine-tuning minibatches of ``data`` in the configured ``finetune.windows`` mode."""
+        labels = [assign_labels(b, g["boxes"], g["labels"], self.ft["fg_threshold"])[0]
+                  for b, g in zip(data.boxes, data.gt, strict=True)]
+        args = (data, labels, iterations, self.ft["positives"], self.ft["background"], self.size, self.pad, mean, std, seed)
+        if self.ft["windows"] == "roi_pool":
+            return RoiBatches(*args, images=self.ft["roi_images"])
+        return WindowBatches(*args)
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
+        logits, y = self.window_logits(batch)
         loss = nn.functional.cross_entropy(logits, y)
         self.log("finetune/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("finetune/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True, batch_size=len(y))
@@ -251,11 +322,8 @@ class RCNNModule(L.LightningModule):
         return any(p.requires_grad for p in self.backbone.parameters())
 
     def finetune(self, trainer: L.Trainer, data: ImageSet, mean, std) -> dict:
-        labels = [assign_labels(b, g["boxes"], g["labels"], self.ft["fg_threshold"])[0]
-                  for b, g in zip(data.boxes, data.gt, strict=True)]
-        windows = WindowBatches(data, labels, self.ft["iterations"], self.ft["positives"], self.ft["background"],
-                                self.size, self.pad, mean, std, self.hparams.seed)
-        info = {"positive_windows": len(windows.pos), "background_windows": len(windows.bg)}
+        windows = self.windows(data, self.ft["iterations"], mean, std, self.hparams.seed)
+        info = {"windows": self.ft["windows"], "positive_windows": len(windows.pos), "background_windows": len(windows.bg)}
         if self.ft["iterations"] <= 0 or trainer.max_epochs == 0:
             return {**info, "skipped": True}
         # the fine-tuned network is cached (with a manifest): the warp and roi_pool runs, the SVM and softmax
@@ -263,7 +331,9 @@ class RCNNModule(L.LightningModule):
         from transferrable.atomic import atomic_torch_save
         from transferrable.manifest import check_sidecar, sidecar, warn_rebuild, write_sidecar
 
-        key = {"version": FINETUNE_CACHE_VERSION, "start": state_digest(self), "finetune": self.ft,
+        # warp fine-tuning keeps the key it had before finetune.windows existed (its caches stay valid)
+        ft_key = {k: v for k, v in self.ft.items() if self.ft["windows"] != "warp" or k not in ("windows", "roi_images")}
+        key = {"version": FINETUNE_CACHE_VERSION, "start": state_digest(self), "finetune": ft_key,
                "epochs": trainer.max_epochs, "seed": self.hparams.seed, "precision": str(trainer.precision),
                "size": self.size, "pad": self.pad, "images": data.ids, "boxes": state_digest_arrays(data.boxes),
                "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
@@ -297,17 +367,17 @@ class RCNNModule(L.LightningModule):
         background windows) of ``data``, in eval mode: overall, on positive windows (the right class among
         N + 1) and on background windows. Run on held-out (val) images it says whether fine-tuning learned
         to recognise the objects rather than the training windows."""
-        labels = [assign_labels(b, g["boxes"], g["labels"], self.ft["fg_threshold"])[0]
-                  for b, g in zip(data.boxes, data.gt, strict=True)]
-        windows = WindowBatches(data, labels, batches, self.ft["positives"], self.ft["background"], self.size,
-                                self.pad, mean, std, self.hparams.seed + 7919)
+        windows = self.windows(data, batches, mean, std, self.hparams.seed + 7919)
         was_training = self.training
         self.eval()
         hit, cls_hit, ys = [], [], []
         for k in range(len(windows)):
-            x, y = windows[k]
+            batch = windows[k]
+            if len(batch) == 2:
+                batch = (batch[0].to(self.device), batch[1])
             with self._autocast():
-                logits = self(x.to(self.device)).float().cpu()
+                logits, y = self.window_logits(batch)
+                logits = logits.float().cpu()
             hit.append(logits.argmax(1) == y)
             cls_hit.append(logits[:, 1:].argmax(1) + 1 == y)  # the class alone, background left out
             ys.append(y)
@@ -334,8 +404,6 @@ class RCNNModule(L.LightningModule):
     @torch.inference_mode()
     def image_pool5(self, image: np.ndarray, boxes: np.ndarray, mean, std) -> np.ndarray:
         """pool5 (R x D) of the regions of one image, in the configured feature mode."""
-        from torchvision.ops import roi_pool
-
         dev, bs = self.device, int(self.hparams.feature_batch)
         out = []
         if self.hparams.feature_mode == "warp":
@@ -355,21 +423,10 @@ class RCNNModule(L.LightningModule):
                 self.timing["cnn"] += t2 - t1
             return torch.cat(out).numpy() if out else np.zeros((0, self.pool5_dim), np.float32)
         t = time.perf_counter()
-        x = image_tensor(image, mean, std)
-        scale = float(self.hparams.roi_scale)
-        if scale != 1.0:
-            x = nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
-        x = x.to(dev)
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            fmap = self.backbone.forward_taps(x, "conv5")["conv5"].float()
-        stride = x.shape[-1] / fmap.shape[-1]
-        rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(boxes) * scale], 1).to(dev)
-        g = self.pool5_grid
-        pooled = roi_pool(fmap, rois, output_size=(g, g), spatial_scale=1.0 / stride)
+            pooled = self.roi_pool5(image_tensor(image, mean, std), torch.from_numpy(boxes))
         self.timing["cnn"] += time.perf_counter() - t
-        return pooled.flatten(1).cpu().numpy()
+        return pooled.float().cpu().numpy()
 
     @property
     def pool5_grid(self) -> int:

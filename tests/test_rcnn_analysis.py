@@ -134,3 +134,102 @@ def test_vgg16_headline_is_cpu_sized():
     with torch.no_grad():
         out = bb.eval().forward_taps(torch.zeros(2, 3, 32, 32), ["pool5", "fc7"])
     assert out["pool5"].flatten(1).shape == (2, 512) and out["fc7"].shape == (2, 512)
+
+
+def _toy_image_set(n_images: int = 3):
+    """Images with one bright square object each and a grid of proposals around it (labels 0..1)."""
+    from lightning_modules.rcnn import ImageSet
+
+    rng = np.random.default_rng(0)
+    items, props = [], []
+    for i in range(n_images):
+        image = rng.integers(0, 60, (64, 80, 3), dtype=np.uint8)
+        x0, y0 = 10 + 8 * i, 12
+        image[y0:y0 + 28, x0:x0 + 28] = 230
+        gt = np.array([[x0, y0, x0 + 28, y0 + 28]], np.float32)
+        grid = np.array([[x, y, x + w, y + w] for x in range(0, 60, 6) for y in range(0, 40, 6) for w in (16, 28)],
+                        np.float32)
+        items.append({"image_id": f"im{i}", "image": image, "boxes": gt, "labels": np.array([i % 2]),
+                      "difficult": np.zeros(1, bool)})
+        props.append(np.clip(grid, 0, [80, 64, 80, 64]).astype(np.float32))
+    return ImageSet("toy", items, props, with_gt=True)
+
+
+def test_roi_batches_take_whole_images_positives_first():
+    """finetune.windows=roi_pool: a minibatch is `roi_images` whole images, each with an even share of the
+    regions, its positives (IoU >= 0.5, class + 1) first; the same item index gives the same minibatch."""
+    from lightning_modules.rcnn import RoiBatches
+    from models.rcnn.regions import assign_labels
+
+    data = _toy_image_set()
+    labels = [assign_labels(b, g["boxes"], g["labels"], 0.5)[0] for b, g in zip(data.boxes, data.gt, strict=True)]
+    batches = RoiBatches(data, labels, 5, 8, 24, 32, 2.0, (0.5,) * 3, (0.25,) * 3, 0, images=2)
+    images, boxes, y = batches[3]
+    assert len(images) == 2 and all(im.shape == (1, 3, 64, 80) for im in images)
+    assert [len(b) for b in boxes] == [16, 16] and y.shape == (32,)
+    for b, lab in zip(boxes, y.split(16), strict=True):
+        n_fg = int((lab > 0).sum())
+        assert 1 <= n_fg <= 4 and (lab[:n_fg] > 0).all() and (lab[n_fg:] == 0).all()
+    again = batches[3]
+    assert all(torch.equal(a, b) for a, b in zip(boxes, again[1], strict=True))
+
+
+def test_roi_fine_tuning_trains_conv_layers_through_roi_pooling():
+    """The Fast R-CNN path is differentiable down to conv1, its logits in eval mode equal the head on the
+    roi_pool test features of the same boxes, and a few SGD steps fit a fixed minibatch."""
+    from lightning_modules.rcnn import RCNNModule, RoiBatches
+    from models.backbones import CaffeNetMini
+    from models.rcnn.regions import assign_labels
+
+    torch.manual_seed(0)
+    data = _toy_image_set()
+    m = RCNNModule(CaffeNetMini(input_size=32), 2, feature_mode="roi_pool", bf16=False, channels_last=False,
+                   cache=False, finetune={"windows": "roi_pool"})
+    m.pool5_dim = m.backbone.feature_dim("pool5")
+    labels = [assign_labels(b, g["boxes"], g["labels"], 0.5)[0] for b, g in zip(data.boxes, data.gt, strict=True)]
+    batch = RoiBatches(data, labels, 1, 8, 24, 32, 2.0, (0.5,) * 3, (0.25,) * 3, 0, images=2)[0]
+    m.eval()
+    with torch.no_grad():
+        logits, y = m.window_logits(batch)
+        pool5 = np.concatenate([m.image_pool5(data.images[i], b.numpy(), (0.5,) * 3, (0.25,) * 3)
+                                for i, b in zip(_chosen(data, batch), batch[1], strict=True)])
+        ref = m.head(m.backbone.stages["fc7"](m.backbone.stages["fc6"](torch.from_numpy(pool5))))
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    conv1 = next(m.backbone.stages["conv1"].parameters()).detach().clone()
+    losses = []
+    for _ in range(25):
+        logits, y = m.window_logits(batch)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert not torch.equal(conv1, next(m.backbone.stages["conv1"].parameters()))
+    assert losses[-1] < 0.5 * losses[0], losses
+    acc = m.window_accuracy(data, (0.5,) * 3, (0.25,) * 3, batches=2)  # held-out style accuracy, same path
+    assert acc["windows"] == 2 * (32 + 96) and 0.0 <= acc["fg_acc"] <= 1.0 and m.training
+
+
+def _chosen(data, batch):
+    """Which images of ``data`` a RoI minibatch holds (matched by pixels)."""
+    from models.rcnn.regions import image_tensor
+
+    out = []
+    for im in batch[0]:
+        out.append(next(i for i in range(len(data.images))
+                        if torch.equal(image_tensor(data.images[i], (0.5,) * 3, (0.25,) * 3), im)))
+    return out
+
+
+def test_roi_fine_tuning_default_follows_feature_mode_and_bad_value_is_one_line():
+    from conftest import compose_train
+
+    assert compose_train(["task=rcnn", "rcnn.feature_mode=roi_pool"]).model.finetune.windows == "roi_pool"
+    assert compose_train(["task=rcnn"]).model.finetune.windows == "warp"
+    from lightning_modules.rcnn import RCNNModule
+    from models.backbones import CaffeNetMini
+
+    with pytest.raises(ValueError, match=r"rcnn.finetune.windows=crop: expected one of \['warp', 'roi_pool'\]"):
+        RCNNModule(CaffeNetMini(input_size=32), 2, finetune={"windows": "crop"})
