@@ -347,3 +347,21 @@ def test_cli_reports_a_weights_error_as_one_line(offline, capsys):
     # anything else still propagates unchanged
     with pytest.raises(InstantiationException):
         exit_on_user_error(lambda: instantiate({"_target_": "models.backbones.CaffeNetMini", "widths": [1]}))()
+
+
+def test_alexnet_from_scratch_uses_he_init_so_signal_reaches_fc7():
+    """torchvision's AlexNet has no init of its own; from scratch the suite gives its convs He init (fan_out)
+    and its fc layers N(0, 0.01), as torchvision's VGG: the conv5 response keeps its scale through the stack."""
+    import math
+
+    from models.backbones import TorchvisionAlexNet
+
+    torch.manual_seed(0)
+    net = TorchvisionAlexNet(input_size=64, pool5_size=2).eval()
+    conv1 = net.stages["conv1"][0]
+    fan_out = conv1.out_channels * conv1.kernel_size[0] * conv1.kernel_size[1]
+    assert abs(float(conv1.weight.std()) - math.sqrt(2 / fan_out)) < 0.1 * math.sqrt(2 / fan_out)
+    assert float(net.stages["fc6"][0].weight.std()) == pytest.approx(0.01, rel=0.05)
+    with torch.no_grad():
+        taps = net.forward_taps(torch.randn(8, 3, 64, 64), ["conv1", "conv5"])
+    assert float(taps["conv5"].std()) > 0.2 * float(taps["conv1"].std())
