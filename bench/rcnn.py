@@ -4,6 +4,10 @@ per image, pool5 of every proposal pooled from the shared map), and the region t
 (warping + CNN up to pool5) against the bare backbone forward over the same regions, already warped --
 all in one run. ``--quick``: one image, 60 proposals from selective search at 160 px.
 
+``rcnn_archs``: the per-image feature cost (warping + CNN to pool5, the part the backbone changes) of
+``experiment=rcnn_archs``'s two backbones -- AlexNet and VGG16(-BN), both at 64 px with a 2x2 pool5 grid, random
+weights -- on the same images and proposals, interleaved in one run: VGG16's seconds per image against AlexNet's.
+
 * **stages**: exactly ``task=rcnn``'s test path: ``ProposalCache.compute`` (selective search, the task's
   defaults: fast mode at 240 px, at most 500 boxes), ``RCNNModule.image_pool5`` (which times its warping and
   CNN parts), fc7 from pool5 + linear scores for the 10 classes (the SVMs' ``X @ W.T + b``) + per-class NMS
@@ -47,11 +51,11 @@ def _images(n: int) -> list[np.ndarray]:
     return out
 
 
-def _module(mode: str, max_proposals: int, width: int | None = None):
+def _module(mode: str, max_proposals: int, width: int | None = None, backbone_cfg=None):
     from lightning_modules.rcnn import RCNNModule
 
     task = OmegaConf.load(CONF_DIR / "task" / "rcnn.yaml")
-    cfg = OmegaConf.load(CONF_DIR / "backbone" / "caffenet_mini.yaml")
+    cfg = backbone_cfg if backbone_cfg is not None else OmegaConf.load(CONF_DIR / "backbone" / "caffenet_mini.yaml")
     cfg.weights = None
     torch.manual_seed(0)
     proposals = {**OmegaConf.to_container(task.rcnn.proposals), "max_proposals": max_proposals}
@@ -154,3 +158,47 @@ def rcnn(ctx: Context) -> list[Figure]:
             reference=ref, reference_name="bare forward_taps(pool5) over the same regions, pre-warped, same batches",
             note="warp: < 1 by the warping cost; roi_pool: > 1 when one conv map per image beats a forward per region"))
     return figures
+
+
+ARCHS = ("alexnet", "vgg16")
+
+
+@benchmark("rcnn_archs")
+def rcnn_archs(ctx: Context) -> list[Figure]:
+    from models.rcnn.proposals import ProposalCache
+    from transferrable.source import compose_train_config
+
+    n_images, max_proposals = (1, 20) if ctx.quick else (4, 200)
+    images = _images(n_images)
+    torch.set_grad_enabled(False)
+    with quiet():
+        # the experiment's own backbone configs (its 64 px, 2x2 pool5; VGG16-BN from conf/task_backbone)
+        cfgs = {a: compose_train_config(["experiment=rcnn_archs", f"backbone={a}"]).backbone for a in ARCHS}
+        modules = {a: _module("warp", max_proposals, backbone_cfg=cfgs[a]) for a in ARCHS}
+        cache = ProposalCache(None, **modules[ARCHS[0]].proposal_cfg)
+        boxes = [cache.compute(img) for img in images]
+
+        def per_image(arch: str):
+            module = modules[arch]
+
+            def run() -> float:
+                module.timing.clear()
+                for img, b in zip(images, boxes, strict=True):
+                    module.image_pool5(img, b, MEAN, STD)
+                return (module.timing["warp"] + module.timing["cnn"]) / len(images)
+            return run
+
+        runs = {a: per_image(a) for a in ARCHS}
+        for run in runs.values():  # warm-up
+            run()
+        from bench.timing import interleave
+
+        secs = interleave(runs, ctx.repeats)
+    torch.set_grad_enabled(True)
+    regions = float(np.mean([len(b) for b in boxes]))
+    ref = Stats(secs["alexnet"])
+    ctx.log(", ".join(f"{a} {Stats(secs[a]).median:.3f} s/img" for a in ARCHS) + f" ({regions:.0f} regions/img)")
+    return [Figure(f"R-CNN {a} 64 px per-image warping + CNN", Stats(secs[a]), "s/img",
+                   reference=ref if a != "alexnet" else None,
+                   reference_name="AlexNet on the same images and proposals" if a != "alexnet" else None,
+                   note=f"{regions:.0f} regions/img, pool5 2x2, experiment=rcnn_archs's configs") for a in ARCHS]
