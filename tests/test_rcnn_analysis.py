@@ -167,7 +167,7 @@ def test_roi_batches_take_whole_images_positives_first():
     images, boxes, y = batches[3]
     assert len(images) == 2 and all(im.shape == (1, 3, 64, 80) for im in images)
     assert [len(b) for b in boxes] == [16, 16] and y.shape == (32,)
-    for b, lab in zip(boxes, y.split(16), strict=True):
+    for lab in y.split(16):
         n_fg = int((lab > 0).sum())
         assert 1 <= n_fg <= 4 and (lab[:n_fg] > 0).all() and (lab[n_fg:] == 0).all()
     again = batches[3]
