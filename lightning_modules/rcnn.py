@@ -292,7 +292,7 @@ class RCNNModule(L.LightningModule):
         fc7 = self.backbone.stages["fc7"](self.backbone.stages["fc6"](pool5))
         return self.head(fc7), y
 
-    def windows(self, data: ImageSet, iterations: int, mean, std, seed: int) -> WindowBatches:
+    def window_batches(self, data: ImageSet, iterations: int, mean, std, seed: int) -> WindowBatches:
         """Fine-tuning minibatches of ``data`` in the configured ``finetune.windows`` mode."""
         labels = [assign_labels(b, g["boxes"], g["labels"], self.ft["fg_threshold"])[0]
                   for b, g in zip(data.boxes, data.gt, strict=True)]
@@ -322,7 +322,7 @@ class RCNNModule(L.LightningModule):
         return any(p.requires_grad for p in self.backbone.parameters())
 
     def finetune(self, trainer: L.Trainer, data: ImageSet, mean, std) -> dict:
-        windows = self.windows(data, self.ft["iterations"], mean, std, self.hparams.seed)
+        windows = self.window_batches(data, self.ft["iterations"], mean, std, self.hparams.seed)
         info = {"windows": self.ft["windows"], "positive_windows": len(windows.pos), "background_windows": len(windows.bg)}
         if self.ft["iterations"] <= 0 or trainer.max_epochs == 0:
             return {**info, "skipped": True}
@@ -367,7 +367,7 @@ class RCNNModule(L.LightningModule):
         background windows) of ``data``, in eval mode: overall, on positive windows (the right class among
         N + 1) and on background windows. Run on held-out (val) images it says whether fine-tuning learned
         to recognise the objects rather than the training windows."""
-        windows = self.windows(data, batches, mean, std, self.hparams.seed + 7919)
+        windows = self.window_batches(data, batches, mean, std, self.hparams.seed + 7919)
         was_training = self.training
         self.eval()
         hit, cls_hit, ys = [], [], []
