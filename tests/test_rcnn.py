@@ -291,7 +291,8 @@ def test_rcnn_end_to_end_beats_random_scoring(fmnist_dir, tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [["task=rcnn", "backbone=vgg16"], ["experiment=rcnn_layers"],
-                                       ["experiment=rcnn_scoring"], ["experiment=rcnn_archs", "backbone=vgg16"]])
+                                       ["experiment=rcnn_scoring"], ["experiment=rcnn_archs", "backbone=vgg16"],
+                                       ["experiment=rcnn_svm_weight"]])
 def test_rcnn_configs_compose(overrides):
     from conftest import compose_train
 
@@ -300,3 +301,18 @@ def test_rcnn_configs_compose(overrides):
     assert cfg.dataset._target_ == "datamodules.scenes.ScenesDataModule"
     assert cfg.backbone.weights == "source:fashion_mnist" and cfg.optimized_metric == "test/mAP"
     assert cfg.rcnn.svm.C == 1e-3 and cfg.rcnn.finetune.positives == 32 and cfg.rcnn.finetune.background == 96
+
+
+def test_svm_weight_sweep_scores_val_with_the_rcnn_layers_setup():
+    """experiment=rcnn_svm_weight chooses the SVM positive weight on val scenes (never test), with the same
+    fine-tuning and SVM images as rcnn_layers, so its network and pool5 features come from rcnn_layers' caches."""
+    from conftest import compose_train
+
+    sweep = compose_train(["experiment=rcnn_svm_weight"])
+    layers = compose_train(["experiment=rcnn_layers"])
+    assert sweep.dataset.test_split == "val" and layers.dataset.test_split == "test"
+    assert sweep.hydra.sweeper.params["rcnn.svm.pos_weight"] == "2,10,50,200"
+    assert set(sweep.hydra.sweeper.params["backbone.freeze"].split(",")) == {"none", "all"}
+    for key in ("finetune", "max_train_images", "proposals", "svm"):
+        assert sweep.rcnn[key] == layers.rcnn[key], key
+    assert list(sweep.rcnn.layers) == ["pool5", "fc6", "fc7"]
