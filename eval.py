@@ -18,11 +18,13 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from transferrable.errors import exit_on_user_error  # noqa: E402
+from transferrable.signals import exit_on_signals  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval.yaml")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    exit_on_signals()  # SIGTERM/SIGINT -> exit 143/130, never 0
     if cfg.get("report"):
         from transferrable.report import write_report
 

@@ -16,6 +16,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from transferrable.errors import exit_on_user_error  # noqa: E402
+from transferrable.signals import exit_on_signals  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
@@ -23,6 +24,7 @@ from transferrable.errors import exit_on_user_error  # noqa: E402
 def main(cfg: DictConfig) -> float | None:
     from transferrable.runner import train
 
+    exit_on_signals()  # SIGTERM/SIGINT -> exit 143/130, never 0
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))  # for hparams_search (Optuna)
 

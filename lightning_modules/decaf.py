@@ -67,6 +67,7 @@ from models.linear_classifiers import (
     mean_class_accuracy,
 )
 from transferrable.errors import ConfigError
+from transferrable.precision import inference_bf16
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ class DecafModule(L.LightningModule):
         cache_dir: str | None = None,
         use_cache: bool = True,
         channels_last: bool = True,
-        bf16: bool = True,
+        bf16: bool | None = None,
         hog: dict | None = None,
         backbone_cfg: DictConfig | dict | None = None,
         random_seed: int = 0,
@@ -326,6 +327,8 @@ class DecafModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "backbone_cfg", "target"])
+        # bf16 autocast of this task's own inference paths; null follows trainer.precision (run_task)
+        self.use_bf16 = inference_bf16(bf16, None)
         self.backbone = backbone
         self.backbone_cfg = plain(backbone_cfg)
         self.features = [str(f) for f in plain(features)]
@@ -413,7 +416,7 @@ class DecafModule(L.LightningModule):
                 weights={"spec": f"random:{self.hparams.random_seed}" if rand else self._weights_spec(),
                          "state_sha256": self._state_hashes[id(net)]},
                 backbone=self._backbone_arch_cfg(),
-                bf16=bool(self.hparams.bf16),
+                bf16=self.use_bf16,
             )
         return key
 
@@ -444,7 +447,7 @@ class DecafModule(L.LightningModule):
                          [n[len(RANDOM_PREFIX):] for n in self._wanted if n.startswith(RANDOM_PREFIX)]))
         with torch.inference_mode():
             xin = x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bool(self.hparams.bf16)):
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                 for net, prefix, taps in nets:
                     if taps:
                         for tap, act in net.forward_taps(xin, taps).items():
@@ -549,6 +552,7 @@ class DecafModule(L.LightningModule):
         return max(combos, key=lambda c: vals[c])  # first of the best on ties
 
     def run_task(self, trainer: L.Trainer, datamodule, output_dir: str | Path) -> dict:
+        self.use_bf16 = inference_bf16(self.hparams.bf16, trainer.precision)
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         self._reset_stats()

@@ -40,6 +40,7 @@ from models.backbones import TapBackbone
 from models.lrcn_caption import LRCNCaptioner
 from transferrable.caption_eval import caption_metrics, retrieval_metrics
 from transferrable.errors import ConfigError
+from transferrable.precision import inference_bf16
 from transferrable.vocabulary import Vocabulary, VocabularyMismatchError
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class LRCNCaptionModule(L.LightningModule):
         metrics: dict | None = None,
         show_images: int = 8,
         feature_cache: bool = True,
-        bf16: bool = True,
+        bf16: bool | None = None,
         cache_dir: str | None = None,
         ckpt_path: str | None = None,
         train: bool = True,
@@ -115,6 +116,8 @@ class LRCNCaptionModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        # bf16 autocast of this task's own inference paths; null follows trainer.precision (run_task)
+        self.use_bf16 = inference_bf16(bf16, None)
         self.backbone = backbone
         backbone.check_taps([tap])
         self.frozen = backbone.freeze_spec == "all"
@@ -206,7 +209,7 @@ class LRCNCaptionModule(L.LightningModule):
         arch = {"arch": self.backbone.arch, "input_size": self.backbone.input_size}
         return {"version": CACHE_VERSION, "task": "lrcn_caption", "data": datamodule.dataset_key(), "split": split,
                 "n": len(datamodule.splits[split]), "tap": self.hparams.tap, "backbone": arch,
-                "weights_sha256": self._state_sha, "bf16": bool(self.hparams.bf16)}
+                "weights_sha256": self._state_sha, "bf16": self.use_bf16}
 
     @torch.no_grad()
     def extract(self, datamodule, split: str, cache: bool) -> torch.Tensor:
@@ -218,7 +221,7 @@ class LRCNCaptionModule(L.LightningModule):
             was = self.backbone.training
             self.backbone.eval()
             rows = []
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(self.hparams.bf16)):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
                 for x, _ in tqdm(datamodule.image_loader(split), desc=f"features {split}", leave=False):
                     rows.append(self.image_features(x.to(self.device)).float().cpu().numpy())
             self.backbone.train(was)
@@ -233,6 +236,7 @@ class LRCNCaptionModule(L.LightningModule):
 
     # -- the job --------------------------------------------------------------------------------
     def run_task(self, trainer: L.Trainer, datamodule, output_dir: str | Path) -> dict:
+        self.use_bf16 = inference_bf16(self.hparams.bf16, trainer.precision)
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         if hasattr(datamodule, "prepare_data"):
@@ -364,7 +368,7 @@ class LRCNCaptionModule(L.LightningModule):
                     caps.append(ids)
                     owner.append(i)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(self.hparams.bf16)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
             ret = retrieval_metrics(self.score_matrix(features[:n], caps), owner)
         out = {f"test/{k}": v for k, v in ret.items()}
         out["retrieval/seconds"] = time.perf_counter() - t0

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from models.lrcn_caption import LRCNCaptioner
+from models.recurrent import LSTM
 from transferrable.caption_eval import caption_metrics
 from transferrable.errors import ConfigError
 
@@ -39,7 +40,7 @@ class TupleEncoder(nn.Module):
         super().__init__()
         self.slot_sizes = list(slot_sizes)
         self.embed = nn.Embedding(sum(slot_sizes), embed)
-        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.lstm = LSTM(embed, hidden, batch_first=True)
         self.register_buffer("offsets", torch.tensor([0, *torch.tensor(slot_sizes).cumsum(0)[:-1].tolist()]))
 
     def forward(self, onehots: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,7 @@ from models.rcnn.regions import (
 )
 from models.rcnn.svm import HardNegativeMiner, norm_scale
 from transferrable.log_results import log_results
+from transferrable.precision import inference_bf16
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class RCNNModule(L.LightningModule):
         max_test_images: int | None = None,
         feature_batch: int = 256,
         feature_dtype: str = "float16",
-        bf16: bool = True,
+        bf16: bool | None = None,
         channels_last: bool = True,
         cache: bool = True,
         cache_dir: str | None = None,
@@ -231,6 +232,8 @@ class RCNNModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        # bf16 autocast of this task's own inference paths; null follows trainer.precision (run_task)
+        self.use_bf16 = inference_bf16(bf16, None)
         self.backbone = backbone
         self.num_classes = int(num_classes)
         backbone.check_taps(["pool5", "fc6", "fc7"])
@@ -397,7 +400,7 @@ class RCNNModule(L.LightningModule):
 
     # -- features ---------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.hparams.bf16 and self.device.type == "cpu":
+        if self.use_bf16 and self.device.type == "cpu":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
@@ -438,7 +441,7 @@ class RCNNModule(L.LightningModule):
                 "roi_scale": self.hparams.roi_scale if self.hparams.feature_mode == "roi_pool" else None,
                 "size": self.size, "pad": self.pad, "proposals": self._proposal_tag, "split": data.name,
                 "ids": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(), "regions": data.num_regions,
-                "dtype": self.hparams.feature_dtype, "bf16": bool(self.hparams.bf16)}
+                "dtype": self.hparams.feature_dtype, "bf16": self.use_bf16}
 
     def pool5_features(self, data: ImageSet, mean, std, cache_dir: Path | None) -> np.ndarray:
         """pool5 of every region of ``data`` as a (read-only) np.memmap, computed once per key.
@@ -673,6 +676,7 @@ class RCNNModule(L.LightningModule):
 
     # -- the whole task ------------------------------------------------------------------------------
     def run_task(self, trainer: L.Trainer, datamodule, output_dir: str | Path) -> dict:
+        self.use_bf16 = inference_bf16(self.hparams.bf16, trainer.precision)
         from transferrable.atomic import atomic_write_json
         from transferrable.voc_eval import evaluate_detections
 

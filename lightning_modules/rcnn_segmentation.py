@@ -51,6 +51,7 @@ from models.rcnn.seg_regions import paste_labels, region_quality, warp_full_and_
 from models.rcnn.segments import SegmentCache, SegmentProposals
 from transferrable.errors import ConfigError
 from transferrable.log_results import log_results
+from transferrable.precision import inference_bf16
 from transferrable.seg_eval import ConfusionMatrix, colorize
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class RCNNSegmentationModule(L.LightningModule):
         max_val_images: int | None = None,
         max_test_images: int | None = None,
         feature_batch: int = 256,
-        bf16: bool = True,
+        bf16: bool | None = None,
         channels_last: bool = True,
         cache: bool = True,
         cache_dir: str | None = None,
@@ -117,6 +118,8 @@ class RCNNSegmentationModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        # bf16 autocast of this task's own inference paths; null follows trainer.precision (run_task)
+        self.use_bf16 = inference_bf16(bf16, None)
         self.backbone = backbone
         self.num_classes = int(num_classes)
         self.kinds, self.layers = _as_list(features), _as_list(layers)
@@ -188,7 +191,7 @@ class RCNNSegmentationModule(L.LightningModule):
 
     # -- features -----------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.hparams.bf16 and self.device.type == "cpu":
+        if self.use_bf16 and self.device.type == "cpu":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
 
@@ -221,7 +224,7 @@ class RCNNSegmentationModule(L.LightningModule):
         keys = {(k, layer): {"version": CACHE_VERSION, "weights": self._digest, "kind": k, "layer": layer,
                              "segments": self._segment_tag, "size": self.size, "pad": self.pad,
                              "ids": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
-                             "regions": data.num_regions, "bf16": bool(self.hparams.bf16)}
+                             "regions": data.num_regions, "bf16": self.use_bf16}
                 for k in base for layer in self.layers}
         out = {k: cache.load(f"rcnnseg-{data.name}-{k[0]}-{k[1]}", key) for k, key in keys.items()}
         if all(v is not None for v in out.values()):
@@ -311,6 +314,7 @@ class RCNNSegmentationModule(L.LightningModule):
 
     # -- the whole task -----------------------------------------------------------------------------------
     def run_task(self, trainer: L.Trainer, datamodule, output_dir: str | Path) -> dict:
+        self.use_bf16 = inference_bf16(self.hparams.bf16, trainer.precision)
         from models.rcnn.svm import norm_scale
         from transferrable.atomic import atomic_write_json
         from transferrable.feature_cache import FeatureCache, state_sha256

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models.backbones import TapBackbone
+from models.recurrent import LSTM
 
 SEQUENCE_MODELS = ("lstm", "none")
 
@@ -29,7 +30,7 @@ class LRCN(nn.Module):
         dim = backbone.feature_dim(tap)
         self.feature_dropout = nn.Dropout(feature_dropout)
         if sequence_model == "lstm":
-            self.lstm = nn.LSTM(dim, hidden, batch_first=True)
+            self.lstm = LSTM(dim, hidden, batch_first=True)
             self.output_dropout = nn.Dropout(output_dropout)
             dim = hidden
         self.classifier = nn.Linear(dim, num_classes)

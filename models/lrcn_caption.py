@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.recurrent import LSTM, RNN
+
 VARIANTS = ("1u", "2u", "2f")
 UNITS = ("lstm", "rnn")
 IMAGE_INPUTS = ("every_step", "first_step")
@@ -51,7 +53,7 @@ class LRCNCaptioner(nn.Module):
         image_embed = int(image_embed or hidden)
         self.embed = nn.Embedding(vocab_size, embed, padding_idx=pad)
         self.image_proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, image_embed), nn.ReLU())
-        rnn = nn.LSTM if unit == "lstm" else nn.RNN
+        rnn = LSTM if unit == "lstm" else RNN
         self.image_layer = 0 if variant in ("1u", "2u") else 1
         n_layers = 1 if variant == "1u" else 2
         in_dims = [embed + (image_embed if self.image_layer == 0 else 0)]

@@ -40,9 +40,27 @@ def build_model(cfg: DictConfig, num_classes: int):
     return model
 
 
+def apply_precision_policy(cfg: DictConfig) -> str:
+    """Resolve ``trainer.precision: auto`` by CPU/GPU capability (``transferrable/precision.py``), once per run:
+    the choice and its reason are logged and kept in the config (``precision_policy``), so W&B and the nested
+    source pretraining see them too. An explicit precision is kept as it is."""
+    from transferrable.precision import resolve_precision
+
+    requested = cfg.trainer.get("precision", "32-true")
+    if cfg.get("precision_policy") and str(requested) != "auto":
+        return str(requested)  # already resolved (a nested run inherits the resolved value)
+    precision, reason = resolve_precision(requested, cfg.trainer.get("accelerator", "cpu"))
+    with open_dict(cfg):
+        cfg.trainer.precision = precision
+        cfg.precision_policy = {"precision": precision, "reason": reason}
+    log.info("precision: %s (%s)", precision, reason)
+    return precision
+
+
 def build_trainer(cfg: DictConfig, loggers: list | None = None):
     from hydra.utils import instantiate
 
+    apply_precision_policy(cfg)
     if loggers is None:
         loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
@@ -71,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from transferrable.compat import check_task_dataset
     from transferrable.source import resolve_source_weights
 
+    apply_precision_policy(cfg)  # first: the nested source pretraining below inherits the resolved precision
     check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
     check_ckpt_path(cfg)  # so does a ckpt_path that is missing, not weights-only, or of another task/backbone
     extract_configured_archive(cfg)  # and an unsafe dataset.data_dir archive (a safe one is extracted once)
@@ -95,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for key, value in list(metrics.items()):
         if isinstance(value, float) and not math.isfinite(value):
             log.warning("metric %s is %s", key, value)
+    metrics["precision"] = cfg.trainer.precision  # type: ignore[assignment]  # what the numbers were computed in
     output_dir = Path(cfg.paths.output_dir)
     atomic_write_json(output_dir / METRICS_FILE, metrics)
     _print_summary(cfg, trainer, metrics, output_dir)
@@ -169,6 +189,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(run_cfg)
     model = build_model(run_cfg, datamodule.num_classes)
     import lightning as L
+
+    apply_precision_policy(run_cfg)
 
     trainer = L.Trainer(**{k: v for k, v in OmegaConf.to_container(run_cfg.trainer).items() if k != "_target_"})
     split = cfg.get("split", "test")

@@ -103,6 +103,7 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
     with open_dict(pre):
         pre.backbone = OmegaConf.merge(cfg.backbone, {"weights": None, "freeze": "none"})
         pre.trainer.precision = cfg.trainer.precision
+        pre.precision_policy = cfg.get("precision_policy")
     inherit_run_settings(pre, cfg, run_dir, f"source_{dataset}")
     return pre
 
