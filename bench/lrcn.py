@@ -68,8 +68,10 @@ def lrcn(ctx: Context) -> list[Figure]:
     loss_fn = torch.nn.CrossEntropyLoss()
     feat_dim = net.backbone.feature_dim("fc6")
 
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    from transferrable.precision import cpu_bf16
+
+    def autocast():  # as hardware=cpu: bf16 where the CPU runs it natively (the LSTM stays fp32 elsewhere)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16().native)
 
     def cnn():
         frames = clips.flatten(0, 1).contiguous(memory_format=torch.channels_last)
@@ -115,7 +117,7 @@ def lrcn(ctx: Context) -> list[Figure]:
     total = sum(per_clip.values())
     train_rate = Stats([batch / t for t in step_t])
     figures = [
-        Figure(f"LRCN training clips/s (b{batch}, 16 frames, 32 px, LSTM {hidden}, bf16)", train_rate, "clips/s",
+        Figure(f"LRCN training clips/s (b{batch}, 16 frames, 32 px, LSTM {hidden}, {'bf16' if cpu_bf16().native else 'fp32'})", train_rate, "clips/s",
                note=f"cached epoch of 352 clips ~{352 / train_rate.median:.0f} s"),
         Figure("LRCN evaluation clips/s (24-frame videos, 2 clips each, CNN once per frame)",
                Stats([2 * batch / t for t in eval_t]), "clips/s",

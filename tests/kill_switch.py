@@ -29,3 +29,15 @@ def run_train(args: list[str], run_dir, *extra: str) -> subprocess.CompletedProc
     env = {**os.environ, "TRANSFERRABLE_CACHE": "/nonexistent-cache-should-not-be-used"}
     return subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}", *extra], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
+
+
+class SignalAtStep(L.Callback):
+    """Sends ``signum`` (default SIGTERM) to its own process after N optimiser steps: a polite stop mid-epoch."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step, self.signum, self.sent = int(step), int(signum), False
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

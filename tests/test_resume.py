@@ -21,12 +21,18 @@ def _train(run_dir, *extra: str):
     return run_train(TINY, run_dir, *extra)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(fmnist_dir, tmp_path):
-    data = f"dataset.data_dir={fmnist_dir}"
-    whole = _train(tmp_path / "whole", data)
+@pytest.fixture(scope="module")
+def uninterrupted(fmnist_dir, tmp_path_factory) -> dict:
+    """metrics.json of the uninterrupted run every kill/signal test compares against (run once)."""
+    run_dir = tmp_path_factory.mktemp("whole")
+    whole = _train(run_dir, f"dataset.data_dir={fmnist_dir}")
     assert whole.returncode == 0, whole.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())
 
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(fmnist_dir, tmp_path, uninterrupted):
+    data = f"dataset.data_dir={fmnist_dir}"
     run_dir = tmp_path / "killed"
     killed = _train(run_dir, data, "+callbacks.kill._target_=tests.kill_switch.KillAtStep", "+callbacks.kill.step=7")
     assert killed.returncode == -signal.SIGKILL  # a hard kill in epoch 1 (steps 5..9), after epoch 0's checkpoint
@@ -36,7 +42,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(fmnist_dir, 
 
     resumed = _train(run_dir, data, "ckpt_path=last")  # the same command again, plus ckpt_path=last
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    a = uninterrupted
     b = json.loads((run_dir / "metrics.json").read_text())
     print("uninterrupted vs killed+resumed:", {k: (a[k], b[k]) for k in ("test/acc", "test/loss", "val/loss", "train/loss_epoch")})
     for key in ("test/acc", "test/loss", "val/loss", "train/loss_epoch"):
@@ -49,6 +55,30 @@ def test_ckpt_path_last_without_a_checkpoint_starts_fresh(fmnist_dir, tmp_path):
     p = _train(tmp_path / "fresh", f"dataset.data_dir={fmnist_dir}", "ckpt_path=last", "trainer.max_epochs=1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((tmp_path / "fresh" / "metrics.json").read_text())["test/acc"] >= 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_epoch_exits_non_zero_and_resumes_exactly(fmnist_dir, tmp_path, signum, uninterrupted):
+    """SIGTERM/SIGINT mid-epoch: exit 143/130 (never 0), no metrics.json, epoch 0's last.ckpt kept; the same
+    command with ckpt_path=last then ends with the metrics of an uninterrupted run."""
+    data = f"dataset.data_dir={fmnist_dir}"
+    run_dir = tmp_path / "signalled"
+    stopped = _train(run_dir, data, "+callbacks.stop._target_=tests.kill_switch.SignalAtStep",
+                     "+callbacks.stop.step=7", f"+callbacks.stop.signum={int(signum)}")
+    print(f"{signum.name}: exit status {stopped.returncode}")
+    assert stopped.returncode == 128 + signum, stopped.stderr[-3000:]
+    assert not (run_dir / "metrics.json").exists()
+    assert f"received {signum.name}" in stopped.stderr + stopped.stdout
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] == 5
+
+    resumed = _train(run_dir, data, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = uninterrupted
+    b = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/acc", "test/loss", "val/loss"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
 
 
 # -- the pieces that make it exact, in-process ---------------------------------------------------------------
