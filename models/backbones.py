@@ -30,13 +30,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from transferrable.errors import UserError
+
 log = logging.getLogger(__name__)
 
 TAP_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
 
 
-class UnknownTapError(ValueError):
-    pass
+class UnknownTapError(UserError, ValueError):
+    """A tap name that is not one of ``TAP_NAMES``."""
 
 
 def _fc(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transferrable.errors import UserError
+
 HUB_PREFIX = "hub"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A one-line, user-facing problem with ``backbone.weights``."""
 
 
