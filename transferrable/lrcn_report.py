@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from transferrable.errors import ConfigError
+from transferrable.report_core import render_table, sweep_table
 
 SCORES_FILE = "video_scores.npz"
 FUSION_WEIGHTS = ((0.5, 0.5), (1 / 3, 2 / 3))
@@ -148,10 +149,9 @@ def delta_table(title: str, classes: list[str], delta: np.ndarray, top: int = 10
     return "\n".join(lines) + "\n"
 
 
+@sweep_table(order=10)
 def activity_tables(runs: list[dict]) -> str:
     """Markdown for ``eval.py report=``: Tables 4.1-4.3 when the sweep holds LRCN activity runs, else ''."""
-    from transferrable.report import render_table
-
     groups = _groups(runs)
     if not groups:
         return ""

@@ -11,10 +11,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferrable.nested_run import install_train
+from transferrable.report_core import METRICS_FILE
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
 
 
 def instantiate_list(node: DictConfig | None) -> list[Any]:
