@@ -31,6 +31,7 @@ PAIR_KEYS = ("lrcn.sequence_model", "lrcn.modality")
 
 
 def _load(path: str | Path) -> dict:
+    # imported here for start-up speed (Lightning, torch)
     from lightning_modules.lrcn import load_video_scores
 
     p = Path(path)
@@ -60,6 +61,7 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def per_class(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    # imported here for start-up speed (Lightning, torch)
     from lightning_modules.lrcn import per_class_accuracy
 
     return per_class_accuracy(labels, scores.argmax(1), k) * 100

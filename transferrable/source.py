@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transferrable.atomic import atomic_torch_save
 from transferrable.bigan_source import resolve_bigan_weights
 from transferrable.manifest import sidecar, usable_weights_file, write_sidecar
 from transferrable.nested_run import (
@@ -62,9 +63,7 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
 
 def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
     """Train the source representation and write it atomically to ``path`` (backbone weights only)."""
-    import torch
-
-    from transferrable.atomic import atomic_torch_save
+    import torch  # imported here for start-up speed
 
     run_dir = path.with_suffix(".run")
     pre = _pretraining_config(cfg, dataset, run_dir)
