@@ -22,7 +22,7 @@ from transferrable.signals import exit_on_signals  # noqa: E402
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
-    from transferrable.runner import train
+    from transferrable.runner import train  # imported here for start-up speed (--help, --cfg job)
 
     exit_on_signals()  # SIGTERM/SIGINT -> exit 143/130, never 0
     metrics = train(cfg)

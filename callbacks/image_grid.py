@@ -15,6 +15,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from callbacks.tsne import _wandb_loggers
+from transferrable.atomic import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 WRONG_COLOR = (200, 0, 0)
@@ -72,8 +75,6 @@ def save_image_grid(
     import torch.nn.functional as F
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
-
-    from transferrable.atomic import atomic_write_bytes
 
     x, is_uint8 = as_image_batch(images)
     if len(x) == 0:
@@ -183,8 +184,6 @@ class SampleGridCallback(L.Callback):
         save_image_grid(x, path, nrow=self.nrow, titles=titles, title_colors=colors, upscale=upscale,
                         denormalize=(mean, std) if mean is not None and std is not None else None)
         self.last_path = path
-        from callbacks.tsne import _wandb_loggers
-
         for lg in _wandb_loggers(trainer):
             lg.log_image(key="samples", images=[str(path)], caption=["pred/true"])
         self._x, self._y, self._pred = [], [], []

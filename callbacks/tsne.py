@@ -33,6 +33,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from transferrable.atomic import atomic_write_bytes, atomic_write_json
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DIM = 512  # thesis footnote 2
@@ -228,8 +230,6 @@ def draw_tsne(
     """One scatter panel per feature set, side by side; colour = class, marker = domain. Atomic PNG."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-
-    from transferrable.atomic import atomic_write_bytes
 
     classes = np.unique(result.labels)
     colors = dict(zip(classes.tolist(), _class_colors(len(classes)), strict=True))
@@ -446,8 +446,6 @@ class TSNECallback(L.Callback):
         self.run(trainer, pl_module)
 
     def run(self, trainer, pl_module) -> Path:
-        from transferrable.atomic import atomic_write_json
-
         features, labels = self.collect(trainer, pl_module)
         result = embed_panels(features, labels, max_points=self.max_points, seed=self.seed, max_dim=self.max_dim,
                               perplexity=self.perplexity, max_iter=self.max_iter)

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from transferrable.archives import resolve_data_dir
+from transferrable.errors import DatasetError
+
+__all__ = ["DatasetError"]  # defined in the leaf ``transferrable.errors``; datamodules import it from here
+
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-
-class DatasetError(RuntimeError):
-    """A one-line, user-facing problem with a dataset on disk."""
 
 
 Images = np.ndarray | Sequence[str]  # uint8 N x H x W (x C) arrays, or image file paths
@@ -244,9 +245,6 @@ class ImageClassificationDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
     ):
         super().__init__()
-        # imported here: transferrable.archives imports this module
-        from transferrable.archives import resolve_data_dir
-
         self.data_dir = resolve_data_dir(data_dir)  # a directory, or an archive extracted once (safely)
         self.input_size, self.batch_size = int(input_size), int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)

@@ -30,13 +30,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.weights import (
+    WeightsError,
+    create_timm,
+    hub_only,
+    hub_unavailable,
+    is_hub_spec,
+    load_backbone_weights,
+    load_torchvision_hub,
+)
+from transferrable.errors import UserError
+
 log = logging.getLogger(__name__)
 
 TAP_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
 
 
-class UnknownTapError(ValueError):
-    pass
+class UnknownTapError(UserError, ValueError):
+    """A tap name that is not one of ``TAP_NAMES``."""
 
 
 def _fc(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -119,8 +130,6 @@ class TapBackbone(nn.Module):
 
     def _finish(self, weights: str | None) -> None:
         """Load a checkpoint given as ``weights`` (hub weights were taken at construction), then freeze."""
-        from models.weights import WeightsError, is_hub_spec, load_backbone_weights
-
         if weights is not None and not is_hub_spec(weights):
             if str(weights).startswith("source:"):
                 raise WeightsError(
@@ -207,8 +216,6 @@ class CaffeNetMini(TapBackbone):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        from models.weights import hub_unavailable, is_hub_spec
-
         if is_hub_spec(weights):
             raise hub_unavailable(self.arch, weights, "caffenet_mini has no hub weights")
         self._finish(weights)
@@ -229,9 +236,7 @@ class TorchvisionAlexNet(TapBackbone):
         weights: str | None = None,
     ):
         super().__init__(input_size, freeze, norm_eval)
-        import torchvision
-
-        from models.weights import hub_only, load_torchvision_hub
+        import torchvision  # imported here for start-up speed
 
         net = load_torchvision_hub(torchvision.models.alexnet, "AlexNet_Weights", hub_only(weights), self.arch, dropout)
         f, c = net.features, net.classifier
@@ -279,8 +284,6 @@ class TimmVGG16(TapBackbone):
         model_name: str = "vgg16",
     ):
         super().__init__(input_size, freeze, norm_eval)
-        from models.weights import create_timm, hub_only
-
         net = create_timm(model_name, hub_only(weights), self.arch)
         f = net.features
         pools = [i for i, m in enumerate(f) if isinstance(m, nn.MaxPool2d)]
@@ -326,8 +329,6 @@ class TimmResNet(TapBackbone):
         weights: str | None = None,
     ):
         super().__init__(input_size, freeze, norm_eval)
-        from models.weights import create_timm, hub_only
-
         self.arch = model_name
         net = create_timm(model_name, hub_only(weights), model_name)
         c5 = net.num_features

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import Pool5, TapBackbone
+from models.weights import hub_unavailable, is_hub_spec
 
 INIT_STD = 0.02
 Z_PROJECTION_STD = 0.5
@@ -366,8 +367,6 @@ class BiGANAlexNet(TapBackbone):
             )
         )
         self.reset_stages(self.tap_names)
-        from models.weights import hub_unavailable, is_hub_spec
-
         if is_hub_spec(weights):
             raise hub_unavailable(self.arch, weights, "bigan_alexnet has no hub weights (train one with task=bigan)")
         self._finish(weights)

@@ -13,10 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transferrable.checkpoints import load_failure
+from transferrable.errors import UserError
+
 HUB_PREFIX = "hub"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A one-line, user-facing problem with ``backbone.weights``."""
 
 
@@ -94,8 +97,6 @@ def backbone_state_from_file(path: str | Path) -> tuple[dict[str, torch.Tensor],
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
-        from transferrable.checkpoints import load_failure
-
         raise WeightsError(
             f"backbone.weights={str(path)!r}: not a loadable weights-only checkpoint ({load_failure(err)})"
         ) from err

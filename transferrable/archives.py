@@ -25,8 +25,8 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from datamodules.base import DatasetError
 from transferrable.atomic import atomic_write_json, publish_dir
+from transferrable.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

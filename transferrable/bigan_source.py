@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transferrable.atomic import atomic_write_bytes
 from transferrable.manifest import sidecar, usable_weights_file, write_sidecar
-from transferrable.source import (
+from transferrable.nested_run import (
     _as_overrides,
     check_dataset_choice,
     compose_train_config,
     inherit_run_settings,
     overrides_node,
+    run_nested,
 )
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,11 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
 
 
 def pretrain_bigan_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
-    from transferrable.runner import train
-
     run_dir = path.with_suffix(".run")
     pre = _pretraining_config(cfg, dataset, run_dir)
     print(f"[source] no cached BiGAN encoder at {path}; training a conv BiGAN on {dataset} "
           f"({pre.trainer.max_epochs} epochs) -> {run_dir}", flush=True)
-    metrics = train(pre)
+    metrics = run_nested(pre)  # transferrable.runner.train, installed by the runner
     exported = metrics.get("encoder_checkpoint")
     if not exported or not Path(exported).is_file():
         raise RuntimeError(f"[source] BiGAN training on {dataset} exported no encoder in {run_dir}")

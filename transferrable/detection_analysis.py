@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferrable.atomic import atomic_write_bytes
 from transferrable.voc_eval import box_iou
 
 FP_TYPES = ("Loc", "Sim", "Oth", "BG")
@@ -92,8 +93,6 @@ def plot_false_positive_breakdown(types_per_class: Sequence[Sequence[str]], clas
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from transferrable.atomic import atomic_write_bytes
 
     names = list(class_names)
     groups = {g: [names.index(n) for n in members if n in names] for g, members in groups.items()}

@@ -1,4 +1,9 @@
-"""Turn the suite's known user-facing errors into one clear line and a non-zero exit, not a traceback."""
+"""Turn the suite's known user-facing errors into one clear line and a non-zero exit, not a traceback.
+
+A leaf of the import graph: it imports nothing of the project, so every layer can use it. An error is
+user-facing when its class derives from :class:`UserError` (``ConfigError``, ``DatasetError``,
+``models.weights.WeightsError``, ``models.backbones.UnknownTapError``, ...), wherever it is defined.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,22 @@ import sys
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of every user-facing error: train.py and eval.py print its message as one line and exit 2.
+
+    Mixed in beside the builtin the error already is (``class DatasetError(UserError, RuntimeError)``), so
+    ``except RuntimeError`` still catches it."""
+
+
+class ConfigError(UserError, ValueError):
     """A one-line, user-facing problem with a task's settings (an unknown classifier name, ...)."""
 
 
-class TrainingFault(RuntimeError):
+class DatasetError(UserError, RuntimeError):
+    """A one-line, user-facing problem with a dataset on disk (re-exported by ``datamodules.base``)."""
+
+
+class TrainingFault(UserError, RuntimeError):
     """Training cannot go on (e.g. a NaN/Inf loss); the message says what was kept and how to resume."""
 
 
@@ -31,11 +47,8 @@ def last_checkpoint_note(module) -> str:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from datamodules.base import DatasetError
-    from models.backbones import UnknownTapError
-    from models.weights import WeightsError
-
-    return (DatasetError, UnknownTapError, WeightsError, ConfigError, TrainingFault, FileNotFoundError)
+    """The errors train.py and eval.py report as one line: every :class:`UserError`, and a missing file."""
+    return (UserError, FileNotFoundError)
 
 
 def find_user_error(err: BaseException | None) -> BaseException | None:

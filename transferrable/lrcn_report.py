@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from transferrable.errors import ConfigError
+from transferrable.report_core import render_table, sweep_table
 
 SCORES_FILE = "video_scores.npz"
 FUSION_WEIGHTS = ((0.5, 0.5), (1 / 3, 2 / 3))
@@ -30,6 +31,7 @@ PAIR_KEYS = ("lrcn.sequence_model", "lrcn.modality")
 
 
 def _load(path: str | Path) -> dict:
+    # imported here for start-up speed (Lightning, torch)
     from lightning_modules.lrcn import load_video_scores
 
     p = Path(path)
@@ -59,6 +61,7 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def per_class(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    # imported here for start-up speed (Lightning, torch)
     from lightning_modules.lrcn import per_class_accuracy
 
     return per_class_accuracy(labels, scores.argmax(1), k) * 100
@@ -148,10 +151,9 @@ def delta_table(title: str, classes: list[str], delta: np.ndarray, top: int = 10
     return "\n".join(lines) + "\n"
 
 
+@sweep_table(order=10)
 def activity_tables(runs: list[dict]) -> str:
     """Markdown for ``eval.py report=``: Tables 4.1-4.3 when the sweep holds LRCN activity runs, else ''."""
-    from transferrable.report import render_table
-
     groups = _groups(runs)
     if not groups:
         return ""

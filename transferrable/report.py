@@ -1,136 +1,24 @@
-"""Ablation reports: one Markdown table from every run of a Hydra multirun.
+"""Ablation reports (``eval.py report=<multirun dir>``): the reporting core with every table builder registered.
 
-Each run writes ``metrics.json`` in its output directory and Hydra writes ``.hydra/overrides.yaml``
-beside it; rows are labelled by the overrides that differ between runs, columns are metrics.
-
-A run may also write ``tables.json``: tables shaped like the thesis's (e.g. DeCAF's Figure 2.3 left,
-classifier x feature), each ``{"title", "corner", "columns", "rows": [{"label", "cells": [[mean, std] |
-[value] | null, ...]}], ["bold": [row, col]]}`` with cells in percent; a one-element cell is a single run's
-value and prints without a (fake) std. The report prints them after the run table.
-Tables flagged ``"merge_runs": true`` (one row per run, e.g. LRCN's Table 4.5/4.6 layouts) are merged
-into one table across the runs of a sweep.
+The core (runs, Markdown tables, the builder registry) is :mod:`transferrable.report_core`; each builder
+module registers its tables there with ``@sweep_table``. Importing this module imports them all, so
+:func:`write_report` here gives the full report. A new builder module is added to the import below.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from pathlib import Path
+from transferrable import lrcn_report, transfer_report  # noqa: F401  (imported to register their sweep tables)
+from transferrable.report_core import (
+    METRICS_FILE,
+    TABLES_FILE,
+    collect_runs,
+    markdown_table,
+    render_table,
+    run_tables,
+    sweep_table,
+    sweep_table_builders,
+    write_report,
+)
 
-import yaml
-
-from transferrable.atomic import atomic_write_text
-from transferrable.runner import METRICS_FILE
-
-TABLES_FILE = "tables.json"
-
-
-def collect_runs(sweep_dir: str | Path) -> list[dict]:
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"report={str(sweep_dir)!r}: no such multirun directory")
-    runs = []
-    for metrics_file in sorted(sweep_dir.rglob(METRICS_FILE), key=lambda p: _run_order(p.parent, sweep_dir)):
-        run_dir = metrics_file.parent
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        runs.append({
-            "dir": run_dir,
-            "overrides": dict(o.split("=", 1) for o in overrides if "=" in o),
-            "metrics": json.loads(metrics_file.read_text()),
-        })
-    if not runs:
-        raise FileNotFoundError(
-            f"report={str(sweep_dir)!r}: no run with {METRICS_FILE} below it (expected <dir>/<job>/{METRICS_FILE})"
-        )
-    return runs
-
-
-def _run_order(run_dir: Path, root: Path):
-    parts = run_dir.relative_to(root).parts
-    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return "-" if v is None else str(v)
-
-
-def markdown_table(runs: list[dict], metrics: Sequence[str] | None = None) -> str:
-    keys = sorted({k for r in runs for k in r["overrides"]})
-    varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] or keys
-    if metrics is None:
-        metrics = sorted({k for r in runs for k, v in r["metrics"].items() if isinstance(v, int | float)})
-    header = [*varying, *metrics] or ["run"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in runs:
-        row = [r["overrides"].get(k, "-") for k in varying] + [_fmt(r["metrics"].get(m)) for m in metrics]
-        lines.append("| " + " | ".join(row or [r["dir"].name]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_table(table: dict) -> str:
-    """One ``tables.json`` table as Markdown: ``mean ± std`` (or single-value) cells, the ``bold`` cell in bold."""
-    bold = tuple(table.get("bold") or ())
-    lines = [f"**{table['title']}**", "", "| " + " | ".join([table.get("corner", ""), *table["columns"]]) + " |",
-             "|" + "---|" * (len(table["columns"]) + 1)]
-    for i, row in enumerate(table["rows"]):
-        cells = []
-        for j, c in enumerate(row["cells"]):
-            if c is None:
-                text = "-"
-            elif len(c) < 2 or c[1] is None:
-                text = f"{c[0]:.2f}"
-            else:
-                text = f"{c[0]:.2f} ± {c[1]:.2f}"
-            cells.append(f"**{text}**" if (i, j) == bold else text)
-        lines.append("| " + " | ".join([row["label"], *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def run_tables(runs: list[dict]) -> str:
-    """The thesis-shaped tables of every run that wrote ``tables.json``, headed by the run's overrides."""
-    keys = sorted({k for r in runs for k in r["overrides"]})
-    varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1]
-    out = []
-    merged: dict[str, dict] = {}
-    for r in runs:
-        path = Path(r["dir"]) / TABLES_FILE
-        if not path.is_file():
-            continue
-        label = ", ".join(f"{k}={r['overrides'].get(k, '-')}" for k in varying)
-        tables = json.loads(path.read_text())
-        for t in tables:
-            if t.get("merge_runs"):
-                m = merged.setdefault(t["title"], {**t, "rows": []})
-                seen = {row["label"] for row in m["rows"]}  # the run's overrides only where labels repeat
-                m["rows"] += [{**row, "label": row["label"] + (f" [{label}]" if row["label"] in seen and label else "")}
-                              for row in t["rows"]]
-        rest = [t for t in tables if not t.get("merge_runs")]
-        if label and rest:
-            out.append(f"### {label}\n")
-        out += [render_table(t) for t in rest]
-    return "\n".join([render_table(t) for t in merged.values()] + out)
-
-
-def sweep_table_builders():
-    """Tables built across the runs of a sweep (e.g. LRCN's RGB + flow fusion): ``fn(runs) -> Markdown``."""
-    from transferrable.lrcn_report import activity_tables
-    from transferrable.transfer_report import transfer_tables
-
-    return [activity_tables, transfer_tables]
-
-
-def write_report(sweep_dir: str | Path, metrics: Sequence[str] | None = None) -> str:
-    runs = collect_runs(sweep_dir)
-    table = markdown_table(runs, metrics)
-    extra = run_tables(runs)
-    if extra:
-        table += "\n" + extra
-    for build in sweep_table_builders():
-        sweep = build(runs)
-        if sweep:
-            table += "\n" + sweep
-    atomic_write_text(Path(sweep_dir) / "report.md", table)
-    return table
+__all__ = ["METRICS_FILE", "TABLES_FILE", "collect_runs", "markdown_table", "render_table", "run_tables",
+           "sweep_table", "sweep_table_builders", "write_report"]

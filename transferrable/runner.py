@@ -10,9 +10,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-log = logging.getLogger(__name__)
+from transferrable import source  # source.resolve_source_weights is looked up per call (tests replace it)
+from transferrable.archives import extract_configured_archive
+from transferrable.atomic import atomic_write_json
+from transferrable.checkpoints import check_ckpt_path, load_weights_only
+from transferrable.compat import check_task_dataset
+from transferrable.errors import ConfigError
+from transferrable.nested_run import install_train
+from transferrable.precision import resolve_precision
+from transferrable.report_core import METRICS_FILE
 
-METRICS_FILE = "metrics.json"
+log = logging.getLogger(__name__)
 
 
 def instantiate_list(node: DictConfig | None) -> list[Any]:
@@ -44,8 +52,6 @@ def apply_precision_policy(cfg: DictConfig) -> str:
     """Resolve ``trainer.precision: auto`` by CPU/GPU capability (``transferrable/precision.py``), once per run:
     the choice and its reason are logged and kept in the config (``precision_policy``), so W&B and the nested
     source pretraining see them too. An explicit precision is kept as it is."""
-    from transferrable.precision import resolve_precision
-
     requested = cfg.trainer.get("precision", "32-true")
     if cfg.get("precision_policy") and str(requested) != "auto":
         return str(requested)  # already resolved (a nested run inherits the resolved value)
@@ -81,19 +87,13 @@ def _plain_metrics(metrics: dict) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) the configured task; writes ``metrics.json`` in the run's output directory."""
-    import lightning as L
-
-    from transferrable.archives import extract_configured_archive
-    from transferrable.atomic import atomic_write_json
-    from transferrable.checkpoints import check_ckpt_path
-    from transferrable.compat import check_task_dataset
-    from transferrable.source import resolve_source_weights
+    import lightning as L  # imported here for start-up speed, like every third-party import in this module
 
     apply_precision_policy(cfg)  # first: the nested source pretraining below inherits the resolved precision
     check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
     check_ckpt_path(cfg)  # so does a ckpt_path that is missing, not weights-only, or of another task/backbone
     extract_configured_archive(cfg)  # and an unsafe dataset.data_dir archive (a safe one is extracted once)
-    resolve_source_weights(cfg)  # may pretrain first; seed afterwards so this run is the same either way
+    source.resolve_source_weights(cfg)  # may pretrain first; seed afterwards so this run is the same either way
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -124,6 +124,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
             wandb.finish()
     return metrics
+
+
+# Source pretraining (transferrable.source, bigan_source) runs a nested train(); they sit below this module, so
+# it hands them train here. Late-bound: a patched ``runner.train`` (tests) is what nested runs call too.
+install_train(lambda pre: train(pre))
 
 
 def _fit_and_test(cfg: DictConfig, trainer, model, datamodule) -> dict:
@@ -171,10 +176,6 @@ def _print_summary(cfg: DictConfig, trainer, metrics: dict, output_dir: Path) ->
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Rebuild the run stored inside a checkpoint and test it; metrics JSON goes next to the checkpoint."""
-    from transferrable.atomic import atomic_write_json
-    from transferrable.checkpoints import load_weights_only
-    from transferrable.errors import ConfigError
-
     ckpt_path = Path(os.path.expanduser(str(cfg.ckpt_path)))
     blob = load_weights_only(ckpt_path)  # weights-only: a crafted pickle is refused, never run
     if not isinstance(blob, dict) or "run_config_yaml" not in blob:

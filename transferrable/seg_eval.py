@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from datamodules.scene_generator import voc_colormap
+
 VOID = 255
 
 
@@ -54,6 +56,4 @@ def mean_iou(preds, gts, num_labels: int) -> tuple[float, np.ndarray]:
 
 def colorize(labels: np.ndarray) -> np.ndarray:
     """uint8 H x W x 3: a label map (0..254, 255 void) in the VOC palette."""
-    from datamodules.scene_generator import voc_colormap
-
     return voc_colormap(256)[np.asarray(labels, np.uint8)]

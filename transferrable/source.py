@@ -15,7 +15,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transferrable.atomic import atomic_torch_save
+from transferrable.bigan_source import resolve_bigan_weights
 from transferrable.manifest import sidecar, usable_weights_file, write_sidecar
+from transferrable.nested_run import (
+    _as_overrides,
+    check_dataset_choice,
+    compose_train_config,
+    inherit_run_settings,
+    overrides_node,
+    run_nested,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,63 +49,6 @@ def source_checkpoint_path(cfg: DictConfig, dataset: str) -> Path:
     return Path(cfg.paths.cache_dir) / "source" / f"{key}.pt"
 
 
-def _override_value(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, list | tuple):
-        return "[" + ",".join(_override_value(x) for x in v) + "]"
-    return str(v)
-
-
-def _as_overrides(node: dict, prefix: str = "") -> list[str]:
-    """``source_overrides`` as Hydra override strings. Nested keys (``+source_overrides.trainer.max_epochs=2``
-    on the command line) are joined with dots, and null/booleans/lists are written in Hydra's syntax."""
-    out = []
-    for k, v in node.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out += _as_overrides(v, key) if isinstance(v, dict) else [f"{key}={_override_value(v)}"]
-    return out
-
-
-def overrides_node(cfg: DictConfig, key: str) -> dict:
-    """``cfg[key]`` as a plain dict (an empty DictConfig is falsy, and to_container refuses a plain dict)."""
-    how = cfg.get(key)
-    return OmegaConf.to_container(how, resolve=True) if isinstance(how, DictConfig) else dict(how or {})
-
-
-def compose_train_config(overrides: list[str]) -> DictConfig:
-    """Compose ``conf/train.yaml`` inside a running Hydra app (train.py, tests) or standalone."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name="train", overrides=overrides)
-    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
-def inherit_run_settings(pre: DictConfig, cfg: DictConfig, run_dir: Path, task_name: str) -> None:
-    """A nested pretraining run uses this run's devices, seed and paths, and writes into ``run_dir``."""
-    with open_dict(pre):
-        pre.trainer.accelerator = cfg.trainer.accelerator
-        pre.trainer.devices = cfg.trainer.devices
-        pre.seed = cfg.get("seed")
-        pre.paths = OmegaConf.merge(cfg.paths, {"output_dir": str(run_dir)})
-        pre.task_name = task_name
-        pre.pop("hydra", None)
-
-
-def check_dataset_choice(spec: str, dataset: str, what: str = "dataset") -> None:
-    """A ``<prefix>:<dataset>`` weights spec must name a ``conf/dataset`` option."""
-    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "dataset"
-    if not (conf_dir / f"{dataset}.yaml").is_file():
-        choices = sorted(p.stem for p in conf_dir.glob("*.yaml"))
-        raise ValueError(f"backbone.weights={spec!r}: unknown {what} {dataset!r}; choices: {choices}")
-
-
 def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
     """``task=classify dataset=<dataset>`` with this run's backbone architecture, hardware and seed."""
     overrides = [f"dataset={dataset}", "task=classify", "logger=csv", "callbacks=default"]
@@ -110,16 +63,13 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
 
 def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
     """Train the source representation and write it atomically to ``path`` (backbone weights only)."""
-    import torch
-
-    from transferrable.atomic import atomic_torch_save
-    from transferrable.runner import train
+    import torch  # imported here for start-up speed
 
     run_dir = path.with_suffix(".run")
     pre = _pretraining_config(cfg, dataset, run_dir)
     print(f"[source] no cached representation at {path}; pretraining {cfg.backbone._target_} on {dataset} "
           f"(task=classify, {pre.trainer.max_epochs} epochs) -> {run_dir}", flush=True)
-    metrics = train(pre)
+    metrics = run_nested(pre)  # transferrable.runner.train, installed by the runner
     ckpt = metrics.get("test_checkpoint")
     if not ckpt:
         raise RuntimeError(f"[source] pretraining on {dataset} produced no checkpoint in {run_dir}")
@@ -142,8 +92,6 @@ def resolve_source_weights(cfg: DictConfig) -> None:
     """Replace ``backbone.weights=source:<dataset>`` by the cached checkpoint, pretraining it if absent."""
     spec = cfg.backbone.get("weights")
     if isinstance(spec, str) and spec.startswith("bigan:"):  # an unsupervised (conv BiGAN) source instead
-        from transferrable.bigan_source import resolve_bigan_weights
-
         resolve_bigan_weights(cfg)
         return
     if not (isinstance(spec, str) and spec.startswith(SOURCE_PREFIX)):

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from transferrable.report_core import render_table, sweep_table
+
 WEIGHTS_KEY, FREEZE_KEY, METRIC = "backbone.weights", "backbone.freeze", "test/acc"
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "digits": "digits"}
 RANDOM_SPECS = ("null", "None", "none", "~", "")
@@ -73,9 +75,8 @@ def table_5_2(runs: list[dict]) -> dict | None:
     }
 
 
+@sweep_table(order=20)
 def transfer_tables(runs: list[dict]) -> str:
     """Markdown for ``eval.py report=``: the Table 5.2 pivot when the sweep is a freeze-transfer sweep, else ''."""
-    from transferrable.report import render_table
-
     table = table_5_2(runs)
     return "" if table is None else "## Transfer by freezing layers\n\n" + render_table(table)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.rcnn.regions import context_boxes, image_tensor
+from models.rcnn.regions import context_boxes, image_tensor, warp_regions
 
 VOID = 255
 
@@ -49,8 +49,6 @@ def warp_masks(masks: np.ndarray | torch.Tensor, boxes: np.ndarray, size: int, p
 def warp_full_and_fg(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, size: int, pad: float,
                      mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(full, fg) warped inputs, each R x 3 x size x size, normalised (see the module docstring)."""
-    from models.rcnn.regions import warp_regions
-
     x = image_tensor(image, mean, std)
     full = warp_regions(x, boxes, size, pad)
     return full, full * warp_masks(masks, boxes, size, pad)
