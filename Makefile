@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine:
 #   make train   set up .venv + data, then run the main job (pretrain caffenet_mini on Fashion-MNIST)
 #   make test    set up the same way, then run the test suite
+#   make docs    regenerate docs/results/*.md from docs/results/data/*.json (measured tables + thesis numbers)
 # Extra arguments for train.py go in ARGS, e.g. make train ARGS="backbone.freeze=conv3 trainer.max_epochs=2"
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup data train test bench lint clean
+.PHONY: setup data train test bench docs lint clean
 
 setup: $(STAMP) data
 
@@ -46,6 +47,10 @@ test: setup
 
 bench: setup
 	$(PY) -m bench $(ARGS)
+
+# stdlib only: needs the venv's python, not the data
+docs: $(STAMP)
+	$(PY) -m transferrable.results_docs $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
