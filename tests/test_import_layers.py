@@ -2,7 +2,8 @@
 
     core (transferrable.errors, atomic files, manifests, precision, ...)
       <- models/, datamodules/
-      <- lightning_modules/, callbacks/ and the pipeline code in transferrable/
+      <- lightning_modules/, callbacks/
+      <- engine/ (one pipeline per method)
       <- transferrable.runner
       <- entry points (train.py, eval.py, bench/)
 
@@ -17,7 +18,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "datamodules", "lightning_modules", "callbacks", "transferrable", "bench")
+PACKAGES = ("models", "datamodules", "lightning_modules", "callbacks", "engine", "transferrable", "bench")
 SCRIPTS = ("train.py", "eval.py")
 
 
@@ -122,10 +123,12 @@ def layer(mod: str) -> int | None:
         return 1
     if top in ("lightning_modules", "callbacks"):
         return 2
-    if mod == "transferrable.runner":
+    if top == "engine":
         return 3
-    if top in ("train", "eval", "bench"):
+    if mod == "transferrable.runner":
         return 4
+    if top in ("train", "eval", "bench"):
+        return 5
     return None
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from engine.fit_test import plain_metrics
 from transferrable import source  # source.resolve_source_weights is looked up per call (tests replace it)
 from transferrable.archives import extract_configured_archive
 from transferrable.atomic import atomic_write_json
@@ -71,18 +72,10 @@ def build_trainer(cfg: DictConfig, loggers: list | None = None):
         loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses a learning-rate monitor without a logger to write to
-        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-
-
-def _plain_metrics(metrics: dict) -> dict[str, float]:
-    out = {}
-    for k, v in metrics.items():
-        try:
-            out[k] = float(v)
-        except (TypeError, ValueError):
-            continue
-    return out
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -99,53 +92,58 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule.num_classes)
+    pipeline = build_pipeline(cfg, model)
     loggers = instantiate_list(cfg.get("logger"))
-    trainer = build_trainer(cfg, loggers)
+    try:
+        trainer = build_trainer(cfg, loggers)
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        metrics = dict(pipeline(cfg=cfg, trainer=trainer, datamodule=datamodule, model=model))
+        for key, value in list(metrics.items()):
+            if isinstance(value, float) and not math.isfinite(value):
+                log.warning("metric %s is %s", key, value)
+        metrics["precision"] = cfg.trainer.precision  # type: ignore[assignment]  # what the numbers were computed in
+        output_dir = Path(cfg.paths.output_dir)
+        atomic_write_json(output_dir / METRICS_FILE, metrics)
+        _print_summary(cfg, trainer, metrics, output_dir)
+        status = "success"
+        return metrics
+    except BaseException:
+        status = "failed"
+        raise
+    finally:  # a crashing job of a multirun must not leave its logger (W&B run) open for the next job
+        close_loggers(loggers, status)
+
+
+def build_pipeline(cfg: DictConfig, model):
+    """The task's pipeline: ``cfg.pipeline``, a ``_partial_`` ``engine.<method>.run`` (default: fit, then test)."""
+    from hydra.utils import instantiate
+
+    from engine import fit_test
+
+    if hasattr(model, "run_task"):  # transitional: a LightningModule whose pipeline is not yet in engine/
+        return fit_test.run_task_method
+    return instantiate(cfg.pipeline) if cfg.get("pipeline") else fit_test.run
+
+
+def close_loggers(loggers: list, status: str) -> None:
+    """Finalize every logger and finish the W&B run, whatever happened (called from ``finally``)."""
+    from lightning.pytorch.loggers import WandbLogger
+
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            lg.finalize(status)
+        except Exception as err:  # closing must not mask the run's own error
+            log.warning("could not finalize logger %s: %s", type(lg).__name__, err)
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
 
-    if hasattr(model, "run_task"):
-        # Tasks that are not one fit + test (e.g. DeCAF: frozen features, then linear classifiers over
-        # several splits) drive the trainer themselves and return their metrics.
-        metrics = dict(model.run_task(trainer, datamodule, output_dir=Path(cfg.paths.output_dir)))
-    else:
-        metrics = _fit_and_test(cfg, trainer, model, datamodule)
-
-    for key, value in list(metrics.items()):
-        if isinstance(value, float) and not math.isfinite(value):
-            log.warning("metric %s is %s", key, value)
-    metrics["precision"] = cfg.trainer.precision  # type: ignore[assignment]  # what the numbers were computed in
-    output_dir = Path(cfg.paths.output_dir)
-    atomic_write_json(output_dir / METRICS_FILE, metrics)
-    _print_summary(cfg, trainer, metrics, output_dir)
-    for lg in loggers:
-        if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish()
-    return metrics
+        wandb.finish(exit_code=0 if status == "success" else 1)
 
 
 # Source pretraining (transferrable.source, bigan_source) runs a nested train(); they sit below this module, so
 # it hands them train here. Late-bound: a patched ``runner.train`` (tests) is what nested runs call too.
 install_train(lambda pre: train(pre))
-
-
-def _fit_and_test(cfg: DictConfig, trainer, model, datamodule) -> dict:
-    """The default task flow: fit, then test the best checkpoint (or ``ckpt_path`` with train=false)."""
-    if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    metrics = _plain_metrics(trainer.callback_metrics)
-    if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        ckpt = best if (cfg.get("train", True) and best) else None
-        if not cfg.get("train", True):
-            ckpt = cfg.get("ckpt_path")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-        metrics.update(_plain_metrics(trainer.callback_metrics))
-        if ckpt:
-            metrics["test_checkpoint"] = ckpt  # type: ignore[assignment]
-    return metrics
 
 
 def _print_summary(cfg: DictConfig, trainer, metrics: dict, output_dir: Path) -> None:
@@ -154,15 +152,16 @@ def _print_summary(cfg: DictConfig, trainer, metrics: dict, output_dir: Path) ->
     if cb is not None and cb.dirpath:
         lines.append(f"checkpoints   : {cb.dirpath} (best: {Path(cb.best_model_path).name or '-'})")
     lines.append(f"metrics       : {output_dir / METRICS_FILE}")
+    from lightning.pytorch.loggers import WandbLogger
+
     for lg in trainer.loggers:
-        kind = type(lg).__name__
-        if kind == "WandbLogger":
+        if isinstance(lg, WandbLogger):
             run = lg.experiment
             where = getattr(run, "dir", None) or lg.save_dir
-            mode = "offline (upload later with `wandb sync`)" if lg._offline else "online"
+            mode = "offline (upload later with `wandb sync`)" if run.offline else "online"
             lines.append(f"W&B run       : {Path(where).parent if where else lg.save_dir} [{mode}]")
         else:
-            lines.append(f"{kind:<13} : {lg.log_dir}")
+            lines.append(f"{type(lg).__name__:<13} : {lg.log_dir}")
     shown = {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, int | float)}
     more = 0
     if len(shown) > 12:  # e.g. DeCAF's per feature/classifier/N metrics: the headline ones only
@@ -197,7 +196,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     split = cfg.get("split", "test")
     runner = trainer.test if split == "test" else trainer.validate
     results = runner(model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=True)
-    metrics = _plain_metrics(results[0] if results else {})
+    metrics = plain_metrics(results[0] if results else {})
     out = ckpt_path.with_name(ckpt_path.stem + f".{split}_metrics.json")
     atomic_write_json(out, {"checkpoint": str(ckpt_path), "split": split, **metrics})
     print(f"metrics written to {out}", flush=True)
