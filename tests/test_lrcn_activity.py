@@ -117,7 +117,7 @@ def _tiny_cfg(tmp_path, fmnist_dir, sequence_model: str, *extra: str, logger: st
         "task=lrcn_activity", f"logger={logger}", "hardware=cpu", "trainer.precision=32-true", "seed=0",
         "backbone.weights=null", "backbone.input_size=16", "backbone.widths=[8,16,16,16,16]", "backbone.fc_dim=32",
         "backbone.pool5_size=2", f"lrcn.sequence_model={sequence_model}", "lrcn.hidden_rgb=32",
-        "lrcn.feature_dropout=0.0", "model.optimizer.lr=3e-3", "trainer.max_epochs=10",
+        "lrcn.feature_dropout=0.0", "model.optimizer.lr=1e-3", "trainer.max_epochs=16",
         "dataset.actions=[MoveLeft,MoveRight]", "dataset.clips_per_group=4", "dataset.num_frames=20",
         "dataset.video_size=20", "dataset.frame_size=[20,20]", "dataset.noise=0.0", "dataset.camera_jitter=0.0",
         f"dataset.source_dir={fmnist_dir}", "dataset.batch_size=4", "dataset.val_groups=0", "dataset.progress=false",
@@ -131,7 +131,9 @@ def _tiny_cfg(tmp_path, fmnist_dir, sequence_model: str, *extra: str, logger: st
 @pytest.mark.slow
 def test_lrcn_beats_single_frame_on_left_vs_right(tmp_path, fmnist_dir):
     """MoveLeft vs MoveRight: every frame of one class is a plausible frame of the other, so the single-frame
-    baseline stays near chance while the LSTM reads the direction from the order of the frames."""
+    baseline stays near chance while the LSTM reads the direction from the order of the frames. At the thesis's
+    lr 1e-3 for 16 epochs the LSTM reached 1.0 with seeds 0-2 in fp32 on an AVX2-capped oneDNN; at 3e-3 for 10
+    epochs it was 0.82/1.0/0.96 there (and 0.768 on an AMD EPYC), so the old setting tested luck."""
     results = {seq: train(_tiny_cfg(tmp_path, fmnist_dir, seq)) for seq in ("lstm", "none")}
     lrcn, single = results["lstm"]["test/acc"], results["none"]["test/acc"]
     assert lrcn >= 0.8, results
