@@ -172,3 +172,12 @@ def test_classification_task_on_a_detection_dataset_is_refused():
         check_task_dataset(compose_train(["dataset=scenes"]))
     check_task_dataset(compose_train([]))  # classify on Fashion-MNIST fits
     check_task_dataset(compose_train(["task=rcnn"]))  # and R-CNN on the generated scenes
+
+
+def test_common_trainer_keys_are_plain_overrides():
+    """strategy, fast_dev_run, limit_*_batches ... are in conf/train.yaml's trainer node: no ``+`` needed."""
+    cfg = compose_train(["trainer.strategy=ddp", "trainer.fast_dev_run=true", "trainer.limit_train_batches=3",
+                         "trainer.limit_val_batches=0.5", "trainer.num_nodes=2", "trainer.sync_batchnorm=true"])
+    t = cfg.trainer
+    assert (t.strategy, t.fast_dev_run, t.limit_train_batches, t.limit_val_batches, t.num_nodes) == \
+        ("ddp", True, 3, 0.5, 2) and t.sync_batchnorm is True
