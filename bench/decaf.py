@@ -1,9 +1,10 @@
 """``decaf``: frozen-feature extraction images/s through the DeCAF extraction path against the bare backbone
 forward on the same batches, in the same run (issue 3: target >= 0.9 of the bare forward).
 
-* **DeCAF path**: ``DecafModule.extract`` exactly as ``task=decaf`` calls it (pool -> DataLoader with the
-  evaluation transform -> ``trainer.predict`` -> ``predict_step``: ``torch.inference_mode``, channels_last
-  and bf16 autocast as configured -> numpy, concatenated per feature), cache disabled so every call extracts.
+* **DeCAF path**: ``engine.decaf.FeatureExtractor.extract`` exactly as ``task=decaf`` calls it (pool ->
+  DataLoader with the evaluation transform -> ``trainer.predict`` -> ``DecafModule.predict_step``:
+  ``torch.inference_mode``, channels_last and bf16 autocast as configured -> numpy, concatenated per feature),
+  cache disabled so every call extracts.
 * **bare forward**: ``backbone.forward_taps`` under ``torch.inference_mode`` with the same memory format and
   autocast, over the very batches the path's DataLoader yields, collated once beforehand (pure compute).
 * **bare forward + loader**: the same, but fetching the batches through that DataLoader each time, so the
@@ -31,7 +32,7 @@ TAPS = ["fc6", "fc7"]
 
 def _pool(n: int, size: int):
     from datamodules.base import build_transform
-    from lightning_modules.decaf import Pool
+    from datamodules.image_pool import Pool
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
@@ -40,10 +41,19 @@ def _pool(n: int, size: int):
                 {"bench": n}, build_transform(size, [0.5] * 3, [0.5] * 3, "none"), True)
 
 
+def decaf_module(backbone, **overrides):
+    """``DecafModule`` on conf/task/decaf.yaml's ``decaf`` node (what the module reads of it), with ``overrides``."""
+    from lightning_modules.decaf import DecafModule
+
+    node = OmegaConf.load(CONF_DIR / "task" / "decaf.yaml").decaf
+    cfg = OmegaConf.merge(OmegaConf.masked_copy(node, ["channels_last", "bf16", "hog"]), overrides)
+    return DecafModule(backbone, cfg)
+
+
 @benchmark("decaf")
 def decaf(ctx: Context) -> list[Figure]:
     from datamodules.base import ImageDataset
-    from lightning_modules.decaf import DecafModule
+    from engine.decaf import FeatureExtractor
 
     n, batch = (64, 32) if ctx.quick else (4096, 512)
     cfg = OmegaConf.load(CONF_DIR / "backbone" / "caffenet_mini.yaml")
@@ -54,8 +64,7 @@ def decaf(ctx: Context) -> list[Figure]:
         for bf16 in (True, False):
             torch.manual_seed(0)
             backbone = instantiate(cfg).eval()
-            module = DecafModule(backbone, features=TAPS, classifiers=["svm"], use_cache=False, cache_dir=None,
-                                 channels_last=bf16, bf16=bf16)
+            extractor = FeatureExtractor(decaf_module(backbone, channels_last=bf16, bf16=bf16))  # no cache
             trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                                 enable_model_summary=False, enable_checkpointing=False)
             pool = _pool(n, size)
@@ -64,7 +73,7 @@ def decaf(ctx: Context) -> list[Figure]:
             batches = [x for x, _ in loader]  # the same batches the extraction path's loader yields
 
             def bare(source, bf16=bf16, backbone=backbone):
-                # the module's backbone, already in the memory format extract() put it in
+                # the module's backbone, already in the memory format extract()'s predict put it in
                 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     for x in source:
                         if isinstance(x, list | tuple):
@@ -74,7 +83,7 @@ def decaf(ctx: Context) -> list[Figure]:
                         backbone.forward_taps(x, TAPS)
 
             runs = {
-                "path": lambda m=module, t=trainer, p=pool: per_second(n, lambda: m.extract(t, p, TAPS, batch)),
+                "path": lambda e=extractor, t=trainer, p=pool: per_second(n, lambda: e.extract(t, p, TAPS, batch)),
                 "bare": lambda b=batches: per_second(n, lambda: bare(b)),
                 "bare+loader": lambda ld=loader: per_second(n, lambda: bare(ld)),
             }
@@ -87,7 +96,7 @@ def decaf(ctx: Context) -> list[Figure]:
             figures.append(Figure(
                 f"DeCAF extraction {shape}", path, "img/s", reference=ref,
                 reference_name="bare forward_taps, same batches (pre-collated)", target=Target(">=", 0.9),
-                note="DecafModule.extract (loader + transform + trainer.predict + numpy) vs pure compute",
+                note="FeatureExtractor.extract (loader + transform + trainer.predict + numpy) vs pure compute",
             ))
             figures.append(Figure(
                 f"DeCAF extraction {shape} vs forward+loader", path, "img/s", reference=ref_loader,

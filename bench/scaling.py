@@ -1,7 +1,8 @@
 """``scaling``: how the cost of each method's main step grows with its work, as the fitted exponent ``k`` of
 ``cost ~ work^k`` over three sizes (``bench.growth``; 1 = linear, below 1 = fixed overhead amortised).
 
-* DeCAF: ``DecafModule.extract`` (loader + transform + ``trainer.predict``, fc6+fc7, bf16) seconds vs images;
+* DeCAF: ``engine.decaf.FeatureExtractor.extract`` (loader + transform + ``trainer.predict``, fc6+fc7, bf16)
+  seconds vs images;
 * R-CNN: ``RCNNModule.image_pool5`` (warping + CNN to pool5, ``feature_mode=warp``) seconds per image vs
   proposals per image, on a 160x120 photo crop with random boxes;
 * BiGAN: seconds per training step (D, G, E updated together; MLP 1024x1024) vs batch size, and the
@@ -42,17 +43,16 @@ def _seconds(fn) -> float:
 def decaf_images(ctx: Context) -> Figure:
     import lightning as L
 
-    from bench.decaf import TAPS, _pool
-    from lightning_modules.decaf import DecafModule
+    from bench.decaf import TAPS, _pool, decaf_module
+    from engine.decaf import FeatureExtractor
 
     sizes = (64, 128, 256) if ctx.quick else (1024, 2048, 4096)
     backbone = _backbone()
-    module = DecafModule(backbone, features=TAPS, classifiers=["svm"], use_cache=False, cache_dir=None,
-                         channels_last=True, bf16=True)
+    extractor = FeatureExtractor(decaf_module(backbone, channels_last=True, bf16=True))  # no cache
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False)
     pools = {n: _pool(n, int(backbone.input_size)) for n in sizes}
-    runs = {n: (lambda p=pools[n]: _seconds(lambda: module.extract(trainer, p, TAPS, 512))) for n in sizes}
+    runs = {n: (lambda p=pools[n]: _seconds(lambda: extractor.extract(trainer, p, TAPS, 512))) for n in sizes}
     slopes, costs = measure_growth(runs, ctx.repeats)
     return growth_figure("DeCAF extraction (fc6+fc7, bf16, b512) vs images", costs, slopes, "images")
 

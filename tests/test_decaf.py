@@ -15,8 +15,8 @@ import torch
 import models.linear_classifiers as lc
 import transferrable.runner as runner
 from datamodules.base import DatasetError
-from lightning_modules.decaf import Pool, check_pool, log_to_loggers, per_class_draw, protocol_split
-from lightning_modules.decaf_domain import setting_training_data
+from datamodules.image_pool import Pool, check_pool, per_class_draw, protocol_split
+from engine.decaf_domain import setting_training_data
 from models.backbones import CaffeNetMini
 from models.linear_classifiers import (
     ClassifierSpec,
@@ -28,6 +28,7 @@ from models.linear_classifiers import (
     select_C,
     validation_subsplit,
 )
+from transferrable.decaf_report import log_to_loggers
 from transferrable.errors import ConfigError, exit_on_user_error
 from transferrable.feature_cache import FeatureCache, FeatureCacheWarning
 from transferrable.report import write_report
@@ -397,7 +398,7 @@ def test_direct_transform_is_bit_identical_and_only_for_fixed_pipelines():
     import torch
 
     from datamodules.base import build_transform, to_rgb
-    from lightning_modules.decaf import DirectTransform
+    from datamodules.image_pool import DirectTransform
 
     compose = build_transform(32, [0.3, 0.4, 0.5], [0.2, 0.25, 0.3], "none")
     direct = DirectTransform.of(compose)
