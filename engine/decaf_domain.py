@@ -236,8 +236,7 @@ def run(cfg: DictConfig, trainer, datamodule, model: DecafModule) -> dict:
     """Pool both domains, extract (cached), fit every setting's classifiers over the splits, table and t-SNE."""
     p = Protocol.from_cfg(cfg.decaf, model, check_main=False)
     dom = DomainProtocol.from_cfg(cfg.decaf_domain, p)
-    # null follows no trainer precision here (fp32), as task=decaf_domain always has
-    model.use_bf16 = inference_bf16(cfg.decaf.bf16, None)
+    model.use_bf16 = inference_bf16(cfg.decaf.bf16, trainer.precision)  # null: the run's precision, as task=decaf
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     extractor = FeatureExtractor.from_cfg(cfg, model)
