@@ -86,11 +86,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
     check_ckpt_path(cfg)  # so does a ckpt_path that is missing, not weights-only, or of another task/backbone
     extract_configured_archive(cfg)  # and an unsafe dataset.data_dir archive (a safe one is extracted once)
+    datamodule = build_datamodule(cfg)  # a dataset config error costs seconds, not a source pretraining
     source.resolve_source_weights(cfg)  # may pretrain first; seed afterwards so this run is the same either way
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule.num_classes)
     pipeline = build_pipeline(cfg, model)
     loggers = instantiate_list(cfg.get("logger"))
