@@ -346,7 +346,7 @@ class ArtifactCache:
     def __init__(self, root: str | Path, namespace: str | None = None, version: int = 1, *,
                  what: str = "cache entry", checksum: bool = True, record_key: bool = False,
                  manifest_name: str = SIDECAR, warning: type[CacheWarning] = CacheWarning):
-        self.root = Path(os.path.expanduser(str(root)))
+        self.root = Path(root)
         self.dir = self.root / namespace if namespace else self.root
         self.version = int(version)
         self.what, self.checksum, self.record_key = what, bool(checksum), bool(record_key)
