@@ -571,12 +571,10 @@ class ArtifactCache:
                  load: Callable[[Path, dict], Any] | None, validate: Callable[[Path], str | None] | None) -> Any:
         why = self.dir_problem(path, key, validate)
         if why is None:
-            if load is None:
-                self.stats["hits"] += 1
-                return path
             try:
-                value = load(path, json.loads((path / MANIFEST_NAME).read_text()))
+                value = path if load is None else load(path, json.loads((path / MANIFEST_NAME).read_text()))
                 self.stats["hits"] += 1
+                log.info("%s: reusing %s", self.what, path)
                 return value
             except Exception as err:  # noqa: BLE001 - a damaged file under an old manifest without a file list
                 why = _reason(err)
