@@ -32,23 +32,26 @@ on. The cache owns:
 
 Examples, one per kind of artefact::
 
-    from transferrable.artifact_cache import ArtifactCache, Unusable, adopt_state_dict_file
+    from transferrable.artifact_cache import ArtifactCache, adopt_state_dict_file, digest
 
     # 1. a single file (torch weights, an .npy, a JSON): build(tmp) writes exactly the path it is given
-    cache = ArtifactCache(cache_dir, "finetuned", version=1, what="fine-tuned network")
+    cache = ArtifactCache(cache_dir, "encoders", version=1, what="encoder")
     state = cache.get_or_build(
         key, lambda tmp: torch.save({"state_dict": model.state_dict()}, tmp),
-        suffix=".pt",                                               # -> <cache_dir>/finetuned/<hash16>.pt
+        suffix=".pt",                                               # -> <cache_dir>/encoders/<key_hash16>.pt
         load=lambda path, manifest: torch.load(path, weights_only=True),
         adopt=adopt_state_dict_file)                                # use (and vouch for) a file from before manifests
 
-    # ... or step by step, with the writer context (commits atomically when the block ends without an exception)
-    path = cache.path_for(key, name="resnet-fashion_mnist-32px-0a1b2c3d4e.pt")   # a legacy name
-    blob, why = cache.read(path, key, lambda p, m: torch.load(p, weights_only=True))
-    if why is not None:                                             # absent, or damaged (already warned)
+    # ... or step by step with the writer context, which commits atomically when the block ends without an
+    # exception -- e.g. R-CNN's fine-tuned network, under the name it always had (sidecar <name>.manifest.json)
+    cache = ArtifactCache(finetune_cache_dir, what="fine-tuned R-CNN network")
+    path = cache.path_for(key, name=f"{digest(key, 16)}.pt")
+    saved, why = cache.read(path, key, lambda p, m: torch.load(p, map_location="cpu", weights_only=True))
+    if saved is None:                                               # absent, killed before its manifest, or damaged
+        fine_tune()                                                 # (only damage warns: a CacheWarning)
         with cache.writer(path, key) as w:
-            torch.save(obj, w.path)
-            w.manifest["source_dataset"] = "fashion_mnist"          # optional extra manifest fields
+            torch.save({"state_dict": model.state_dict(), "info_json": info}, w.path)
+            w.manifest["note"] = "optional extra manifest fields"
 
     # 2. small named arrays in one .npz that carries its own manifest (proposals, segments)
     boxes = ArtifactCache(cache_dir, "proposals").get_or_build(
@@ -61,7 +64,9 @@ Examples, one per kind of artefact::
                               validate=lambda root: None if (root / "ImageSets").is_dir() else "no ImageSets")
 
     # 4. a memmap written in chunks that resumes after a kill (R-CNN pool5): rows go to ``.<stem>.partial`` and a
-    #    progress file ``.<stem>.progress.json``; the block's end renames it into place and writes the manifest
+    #    progress file ``.<stem>.progress.json``; the block's end renames it into place and writes the manifest.
+    #    These are R-CNN's names and manifest fields (pool5-<split>-<hash16>.dat + .json: version, key, key_hash,
+    #    shape, dtype, bytes), so its existing entries and partial files stay valid
     cache = ArtifactCache(cache_dir, version=CACHE_VERSION, what="pool5 cache", checksum=False, record_key=True,
                           manifest_name="{stem}.json")
     path = cache.path_for(key, prefix=f"pool5-{split}-", suffix=".dat")
@@ -70,7 +75,7 @@ Examples, one per kind of artefact::
         with cache.memmap_writer(path, key, shape, dtype) as w:      # w.start: images already on disk
             for i in range(w.start, n):
                 w.array[rows_of(i)] = extract(i)
-                if (i + 1) % every == 0:
+                if (i + 1) % every == 0 and i + 1 < n:
                     w.checkpoint(i + 1)                             # flushed, then the progress file says so
         rows = w.result
 
