@@ -16,13 +16,12 @@ Layout (what ``datamodules/coco_captions.py`` reads, as it reads real COCO)::
     <out>/dataset_coco.json                   Karpathy split file (train / val / test, with sentences)
     <out>/manifest.json                       parameters, counts (written last)
 
-The directory is written under a temporary name and renamed into place, so ``<out>`` only ever holds a
-complete set; a complete set with the same parameters is reused.
+``<out>`` is an ``ArtifactCache`` directory entry: written under a temporary name and renamed into place, so it only
+ever holds a complete set; a complete set with the same parameters is reused, a damaged one warns and is rebuilt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transferrable.atomic import publish_dir
-from transferrable.manifest import check_file_sizes, file_sizes, warn_if_damaged
+from transferrable.artifact_cache import ArtifactCache, digest
+from transferrable.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -208,34 +207,34 @@ def caption_params(scene_params: dict, seed: int, captions_per_image: int) -> di
 
 
 def caption_key(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(params, 16)
+
+
+_LAYOUT = ("annotations/captions_train2014.json", "annotations/captions_val2014.json", "dataset_coco.json")
+
+
+def _layout_problem(out: Path) -> str | None:
+    missing = [p for p in _LAYOUT if not (out / p).is_file()]
+    return f"{missing[0]} is missing" if missing else None
+
+
+def _cache(out: Path) -> ArtifactCache:
+    return ArtifactCache(out.parent, version=CAPTION_GENERATOR_VERSION, what="generated captions")
 
 
 def is_complete(out: Path, params: dict) -> bool:
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return manifest.get("params") == json.loads(json.dumps(params)) and check_file_sizes(out, manifest.get("files")) is None and all(
-        (out / p).is_file() for p in ("annotations/captions_train2014.json", "annotations/captions_val2014.json",
-                                      "dataset_coco.json"))
+    out = Path(out)
+    return _cache(out).dir_problem(out, params, _layout_problem) is None
 
 
 def write_caption_dataset(out: str | Path, voc_root: str | Path, params: dict, progress: bool = True) -> Path:
     """Caption every scene of the VOC directory ``voc_root`` and write the COCO layout at ``out``."""
     from tqdm import tqdm
 
-    from transferrable.atomic import atomic_write_json
-
     out, voc_root = Path(out), Path(voc_root)
-    if is_complete(out, params):
-        log.info("scene_captions: reusing %s", out)
-        return out
-    warn_if_damaged(out, params, "generated captions")
-    out.parent.mkdir(parents=True, exist_ok=True)
     seed, n_caps = params["caption_seed"], params["captions_per_image"]
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> dict:
         coco = {f: {"info": {"description": "Transferrable generated captioned scenes", "version": "1"},
                     "licenses": [], "images": [], "annotations": []} for f in ("train2014", "val2014")}
         karpathy = {"dataset": "coco", "images": []}
@@ -268,7 +267,6 @@ def write_caption_dataset(out: str | Path, voc_root: str | Path, params: dict, p
             atomic_write_json(tmp / "annotations" / f"captions_{folder}.json", blob)
         atomic_write_json(tmp / "dataset_coco.json", karpathy)
         counts = Counter(im["split"] for im in karpathy["images"])
-        atomic_write_json(tmp / "manifest.json", {"params": params, "images": dict(counts), "captions": ann_id,
-                                                  "files": file_sizes(tmp)})
+        return {"images": dict(counts), "captions": ann_id}  # the manifest's extra fields
 
-    return publish_dir(out, write, lambda: is_complete(out, params))
+    return _cache(out).get_or_build(params, write, kind="dir", name=out.name, validate=_layout_problem)

@@ -23,13 +23,13 @@ Output, exactly the UCF101 layout (``datamodules.ucf101`` reads it)::
 
 Splits follow UCF101: split k tests groups 7k-6..7k, trains on the others. Video ``(class, group, clip)`` draws
 from ``SeedSequence([seed, class, group, clip])`` (the background from ``[seed, group]``), so the same seed
-gives the same frames. Generation goes to a hidden temporary directory that is renamed into place; a complete
-directory with the same parameters is reused.
+gives the same frames. The directory is an ``ArtifactCache`` directory entry (``transferrable.artifact_cache``):
+generation goes to a hidden temporary directory that is renamed into place; a complete directory with the same
+parameters is reused, a damaged one warns and is regenerated.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,11 +45,9 @@ from datamodules.scene_generator import (
     _idx_fingerprint,
     _item_cutout,
     _load_items,
-    _remove_stale_tmp,
     background_photos,
 )
-from transferrable.atomic import publish_dir
-from transferrable.manifest import check_file_sizes, file_sizes, warn_if_damaged
+from transferrable.artifact_cache import ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +119,7 @@ def motion_params(
 
 
 def motion_key(params: dict) -> str:
-    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return digest(params, 12, algo="sha1")
 
 
 def _all_videos(params: dict) -> list[tuple[int, str, int, int]]:
@@ -129,19 +127,24 @@ def _all_videos(params: dict) -> list[tuple[int, str, int, int]]:
             for g in range(1, params["n_groups"] + 1) for c in range(1, params["clips_per_group"] + 1)]
 
 
+def _layout_problem(root: Path, params: dict) -> str | None:
+    """Why ``root`` does not hold every video and split list of ``params`` (beyond the manifest's file list)."""
+    for _, action, g, c in _all_videos(params):
+        if not (root / "UCF-101" / action / video_name(action, g, c)).is_file():
+            return f"UCF-101/{action}/{video_name(action, g, c)} is missing"
+    lists = root / "ucfTrainTestlist"
+    missing = [f"{kind}list0{k}.txt" for kind in ("train", "test") for k in (1, 2, 3)
+               if not (lists / f"{kind}list0{k}.txt").is_file()]
+    return f"ucfTrainTestlist/{missing[0]} is missing" if missing else None
+
+
+def _cache(root: Path) -> ArtifactCache:
+    return ArtifactCache(root.parent, version=GENERATOR_VERSION, what="generated videos")
+
+
 def is_complete(root: str | Path, params: dict) -> bool:
     root = Path(root)
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-        if manifest.get("params") != params or check_file_sizes(root, manifest.get("files")) is not None:
-            return False
-        for _, action, g, c in _all_videos(params):
-            if not (root / "UCF-101" / action / video_name(action, g, c)).is_file():
-                return False
-        lists = root / "ucfTrainTestlist"
-        return all((lists / f"{kind}list0{k}.txt").is_file() for kind in ("train", "test") for k in (1, 2, 3))
-    except (OSError, ValueError):
-        return False
+    return _cache(root).dir_problem(root, params, lambda r: _layout_problem(r, params)) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,26 +318,16 @@ def generate_motions(out_dir: str | Path, progress: bool = True, **kwargs) -> Pa
     ``kwargs`` are :func:`motion_params`'s. Raises ``DatasetError`` when the Fashion-MNIST IDX files are missing.
     """
     params = motion_params(**kwargs)
-    out_dir = Path(os.path.expanduser(str(out_dir)))
-    key = motion_key(params)
-    root = out_dir / key
-    if is_complete(root, params):
-        log.info("moving_objects: reusing %s", root)
-        return root
-    warn_if_damaged(root, params, "generated videos")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out_dir, key)
-    videos = _all_videos(params)
-    log.info("moving_objects: generating %d videos into %s", len(videos), root)
-    return publish_dir(root, lambda tmp: _write_dataset(tmp, params, videos, progress),
-                       lambda: is_complete(root, params))
+    root = Path(os.path.expanduser(str(out_dir))) / motion_key(params)
+    return _cache(root).get_or_build(params, lambda tmp: _write_dataset(tmp, params, _all_videos(params), progress),
+                                     kind="dir", name=root.name, validate=lambda r: _layout_problem(r, params))
 
 
-def _write_dataset(root: Path, params: dict, videos: list, progress: bool) -> None:
+def _write_dataset(root: Path, params: dict, videos: list, progress: bool) -> dict:
+    """The UCF101 layout under ``root``; returns the manifest's extra fields (the cache writes the manifest last)."""
     from tqdm import tqdm
 
-    from transferrable.atomic import atomic_write_json
-
+    log.info("moving_objects: generating %d videos", len(videos))
     items = _load_items(params["source_files"]["data_dir"], json.dumps(params["source_files"], sort_keys=True))
     images = items["train"][0]
     photos = background_photos()
@@ -343,5 +336,4 @@ def _write_dataset(root: Path, params: dict, videos: list, progress: bool) -> No
         d.mkdir(parents=True, exist_ok=True)
         write_avi(d / video_name(action, g, c), render_video(params, ci, g, c, images, photos))
     counts = _write_lists(root, params)
-    atomic_write_json(root / "manifest.json", {"files": file_sizes(root), "generator": "datamodules.motion_generator", "params": params,
-                                               "videos": len(videos), "splits": counts})
+    return {"generator": "datamodules.motion_generator", "videos": len(videos), "splits": counts}

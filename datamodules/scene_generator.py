@@ -25,19 +25,18 @@ Void (255) marks the inner ``void_width``-pixel border of every object's visible
 outlines; boxes are the extent of the visible region including that border. Paint order is back to front,
 so instance ``i + 1`` may be occluded only by instances with a larger id.
 
-A complete directory whose manifest has the same parameters is reused; a partial or mismatched one is
-regenerated. Generation writes into a hidden temporary directory next to the target and renames it into
-place, so the target name only ever holds a complete data set.
+The directory is an ``ArtifactCache`` directory entry (``transferrable.artifact_cache``): a complete directory whose
+manifest has the same parameters is reused; a partial or mismatched one warns and is regenerated. Generation writes
+into a hidden temporary directory next to the target and renames it into place, so the target name only ever holds
+a complete data set.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
-import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from functools import lru_cache
@@ -46,8 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DatasetError
-from transferrable.atomic import publish_dir
-from transferrable.manifest import check_file_sizes, file_sizes, warn_if_damaged
+from transferrable.artifact_cache import ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 
@@ -210,51 +208,36 @@ def scene_params(
 
 def scene_key(params: dict) -> str:
     """A short hash of the parameters: the cache sub-directory of a data set."""
-    return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return digest(params, 12, algo="sha1")
 
 
 def _read_ids(path: Path) -> list[str]:
     return [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
 
 
+def _layout_problem(root: Path, params: dict) -> str | None:
+    """Why ``root`` does not hold every scene of ``params`` in VOC layout (checked beyond the manifest's file list,
+    which a manifest from before file lists lacks)."""
+    ids = [i for s in SPLITS for i in _read_ids(root / "ImageSets" / "Main" / f"{s}.txt")]
+    if len(ids) != params["n_train"] + params["n_val"] + params["n_test"]:
+        return f"the split lists name {len(ids)} images"
+    for sub, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml"), ("Attributes", ".json"),
+                     ("SegmentationClass", ".png"), ("SegmentationObject", ".png")):
+        present = set(os.listdir(root / sub))
+        missing = [i for i in ids if f"{i}{ext}" not in present]
+        if missing:
+            return f"{sub}/{missing[0]}{ext} is missing"
+    return None
+
+
+def _cache(root: Path) -> ArtifactCache:
+    return ArtifactCache(root.parent, version=GENERATOR_VERSION, what="generated scenes")
+
+
 def is_complete(root: str | Path, params: dict) -> bool:
     """True when ``root`` holds a finished data set generated with exactly ``params``."""
     root = Path(root)
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("params") != params or check_file_sizes(root, manifest.get("files")) is not None:
-        return False
-    try:
-        ids = [i for s in SPLITS for i in _read_ids(root / "ImageSets" / "Main" / f"{s}.txt")]
-        if len(ids) != params["n_train"] + params["n_val"] + params["n_test"]:
-            return False
-        for sub, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml"), ("Attributes", ".json"),
-                         ("SegmentationClass", ".png"), ("SegmentationObject", ".png")):
-            present = set(os.listdir(root / sub))
-            if any(f"{i}{ext}" not in present for i in ids):
-                return False
-    except OSError:
-        return False
-    return True
-
-
-def _remove_stale_tmp(out_dir: Path, name: str) -> None:
-    """Temporary (and replaced) directories of generators that died (their pid is gone)."""
-    for kind in ("tmp", "old"):
-        prefix = f".{name}.{kind}-"
-        for d in out_dir.glob(f"{prefix}*"):
-            _remove_if_orphan(d, d.name[len(prefix):].split("-")[0])
-
-
-def _remove_if_orphan(d: Path, pid_text: str) -> None:
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        shutil.rmtree(d, ignore_errors=True)
-    except (ValueError, OSError):  # not our naming, or a live process of another user: leave it
-        pass
+    return _cache(root).dir_problem(root, params, lambda r: _layout_problem(r, params)) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,24 +265,14 @@ def generate_scenes(
     """
     params = scene_params(n_train, n_val, n_test, image_size, seed, min_objects, max_objects, source, data_dir,
                           void_width, jpeg_quality)
-    out_dir = Path(os.path.expanduser(str(out_dir)))
-    root = out_dir / name
-    if is_complete(root, params):
-        log.info("scenes: reusing %s", root)
-        return root
-    warn_if_damaged(root, params, "generated scenes")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out_dir, name)
-    why = "mismatched or partial" if root.exists() else "missing"
-    log.info("scenes: generating %d images into %s (%s)", n_train + n_val + n_test, root, why)
-    return publish_dir(root, lambda tmp: _write_dataset(tmp, params, name, progress),
-                       lambda: is_complete(root, params))
+    root = Path(os.path.expanduser(str(out_dir))) / name
+    return _cache(root).get_or_build(params, lambda tmp: _write_dataset(tmp, params, name, progress), kind="dir",
+                                     name=name, validate=lambda r: _layout_problem(r, params))
 
 
-def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> None:
+def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> dict:
+    """The VOC layout under ``root``; returns the manifest's extra fields (the cache writes the manifest last)."""
     from tqdm import tqdm
-
-    from transferrable.atomic import atomic_write_json
 
     data_dir = params["source_files"]["data_dir"]
     items = _load_items(data_dir, json.dumps(params["source_files"], sort_keys=True))
@@ -351,12 +324,8 @@ def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> None:
             lines = "".join(f"{i} {presence[i].get(cls, -1):2d}\n" for i in ids)
             _put(root / "ImageSets" / "Main" / f"{cls}_{split}.txt", lines.encode())
     per_image_arr = np.asarray(per_image)
-    # the manifest last, fsynced: its presence marks the directory complete; it lists every file's size
-    atomic_write_json(root / "manifest.json", {
-        "files": file_sizes(root),
+    return {
         "generator": "datamodules.scene_generator",
-        "version": GENERATOR_VERSION,
-        "params": params,
         "classes": CLASSES,
         "counts": {
             "images": {s: len(split_ids[s]) for s in (*SPLITS, "trainval")},
@@ -367,7 +336,7 @@ def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> None:
             "difficult": int(n_difficult),
             "truncated": int(n_truncated),
         },
-    })
+    }
 
 
 def _background(rng: np.random.Generator, photos: dict, names: list[str], w: int, h: int) -> tuple[np.ndarray, dict]:

@@ -32,9 +32,7 @@ naming the list file and line.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -48,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError
 from transferrable.archives import resolve_data_dir
+from transferrable.artifact_cache import ABSENT, NO_MANIFEST, ArtifactCache, Unusable, digest
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +179,26 @@ def mirror_flow(flow: np.ndarray) -> np.ndarray:
     return out
 
 
-class ArrayCache:
-    """One ``.npy`` per (video, settings) under ``root``, written atomically and memory-mapped on read.
+def _load_array(path: Path, manifest: dict) -> np.ndarray:
+    a = np.load(path, mmap_mode="r")
+    if list(a.shape) != manifest.get("shape") or str(a.dtype) != manifest.get("dtype"):
+        raise Unusable("it does not match its manifest")
+    return a
 
-    Each ``<key>.npy`` has a manifest ``<key>.npy.manifest.json`` (version, key, shape, dtype, bytes) written
-    after it. An entry whose manifest does not parse or match, or whose ``.npy`` is truncated, is reported with
-    a ``CacheWarning`` and rebuilt; an entry from before manifests is adopted when it loads whole."""
+
+def _adopt_array(path: Path) -> dict:
+    a = np.load(path, mmap_mode="r")  # a truncated file does not load (the header promises more bytes)
+    return {"shape": list(a.shape), "dtype": str(a.dtype)}
+
+
+class ArrayCache:
+    """One ``.npy`` per (video, settings) under ``root/<kind>``, an ``ArtifactCache`` entry per array: written
+    atomically and memory-mapped on read.
+
+    Each ``<key>.npy`` has a manifest ``<key>.npy.manifest.json`` (version, key, kind, shape, dtype, bytes; no
+    checksum: the arrays are memory-mapped, and large) written after it. An entry whose manifest does not parse or
+    match, or whose ``.npy`` is truncated, is reported with a ``CacheWarning`` and rebuilt; an entry from before
+    manifests is adopted when it loads whole."""
 
     VERSION = 1
 
@@ -193,62 +206,33 @@ class ArrayCache:
         self.root = Path(os.path.expanduser(str(root)))
         self.rebuilt = 0
 
+    def cache(self, kind: str) -> ArtifactCache:
+        return ArtifactCache(self.root, kind, self.VERSION, what=f"{kind} cache entry", checksum=False,
+                             record_key=True)
+
     @staticmethod
     def key(video: Path, settings: dict) -> str:
         st = video.stat()
-        ident = f"{video.resolve()}|{st.st_size}|{st.st_mtime_ns}|{sorted(settings.items())}"
-        return hashlib.sha1(ident.encode()).hexdigest()[:20]
+        return digest(f"{video.resolve()}|{st.st_size}|{st.st_mtime_ns}|{sorted(settings.items())}", 20, algo="sha1")
 
     def path(self, kind: str, key: str) -> Path:
-        return self.root / kind / f"{key}.npy"
-
-    def _manifest(self, kind: str, key: str, a: np.ndarray, nbytes: int) -> dict:
-        return {"version": self.VERSION, "kind": kind, "key": key, "shape": list(a.shape), "dtype": str(a.dtype),
-                "bytes": int(nbytes)}
+        return self.cache(kind).path_for(key, name=f"{key}.npy")
 
     def get(self, kind: str, key: str) -> np.ndarray | None:
-        from transferrable.manifest import sidecar, warn_rebuild
+        def adopt(path: Path) -> dict:
+            return {"kind": kind, **_adopt_array(path)}
 
-        p = self.path(kind, key)
-        if not p.is_file():
-            return None
-        try:
-            a = np.load(p, mmap_mode="r")
-        except (OSError, ValueError) as err:  # truncated (the header promises more bytes than there are)
-            why = f"the .npy does not load ({type(err).__name__}; truncated?)"
-        else:
-            try:
-                m = json.loads(sidecar(p).read_text())
-                why = None if m == self._manifest(kind, key, a, p.stat().st_size) else "it does not match its manifest"
-            except FileNotFoundError:  # written before manifests, and whole: adopt it
-                self._write_manifest(kind, key, a, p)
-                return a
-            except (OSError, ValueError) as err:
-                why = f"unreadable manifest ({type(err).__name__})"
-            if why is None:
-                return a
-        self.rebuilt += 1
-        warn_rebuild(f"{kind} cache entry", p, why)
-        return None
-
-    def _write_manifest(self, kind: str, key: str, a: np.ndarray, p: Path) -> None:
-        from transferrable.atomic import atomic_write_json
-        from transferrable.manifest import sidecar
-
-        atomic_write_json(sidecar(p), self._manifest(kind, key, a, p.stat().st_size))
+        a, why = self.cache(kind).read(self.path(kind, key), key, _load_array, adopt=adopt, expect={"kind": kind})
+        if why not in (None, ABSENT, NO_MANIFEST):  # damaged: warned by the cache
+            self.rebuilt += 1
+        return a
 
     def put(self, kind: str, key: str, array: np.ndarray) -> Path:
-        from transferrable.atomic import atomic_write_bytes
-        from transferrable.manifest import sidecar
-
         array = np.ascontiguousarray(array)
-        p = self.path(kind, key)
-        sidecar(p).unlink(missing_ok=True)  # the old manifest must not vouch for the new file mid-write
         buf = io.BytesIO()
         np.save(buf, array)
-        atomic_write_bytes(p, buf.getvalue())
-        self._write_manifest(kind, key, array, p)
-        return p
+        return self.cache(kind).write_bytes(self.path(kind, key), key, buf.getvalue(), kind=kind,
+                                            shape=list(array.shape), dtype=str(array.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ probability: the situation in which the thesis's decoder fed probabilities (c) b
 maximum (a, b). Sentences: synonyms for every word, four sentence shapes, deterministic in
 the seed (video ``i`` of split ``s`` draws from ``SeedSequence([seed, s, i])``).
 
-Written once as JSON (``<root>/<hash>/video_tuples.json`` + ``manifest.json``, atomically) and reused.
+Written once as JSON (``<root>/<hash>/video_tuples.json`` + ``manifest.json``, an ``ArtifactCache`` directory entry
+published whole) and reused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,6 +25,8 @@ import torch
 
 from datamodules.base import DatasetError
 from datamodules.caption_generator import BACKGROUNDS, NOUNS, SPLIT_CODES
+from transferrable.artifact_cache import ArtifactCache, digest
+from transferrable.atomic import atomic_write_json
 from transferrable.vocabulary import Vocabulary
 
 VERSION = 1
@@ -104,27 +106,16 @@ def generate(params: dict) -> dict:
 
 def load_or_generate(root: Path, params: dict) -> dict:
     """The tuples for ``params`` from ``<root>/<hash>`` (``video_tuples.json`` + a ``manifest.json`` listing its
-    size, written last), generated and written atomically when absent; a damaged entry warns and is rebuilt."""
-    from transferrable.atomic import atomic_write_json
-    from transferrable.manifest import directory_problem, file_sizes, warn_if_damaged
+    size), an ``ArtifactCache`` directory entry: generated and published whole when absent; a damaged entry warns
+    and is rebuilt."""
+    def write(tmp: Path) -> dict:
+        data = generate(params)
+        atomic_write_json(tmp / "video_tuples.json", data)
+        return {"videos": {s: len(v) for s, v in data.items()}}
 
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    out = root / key
-    if directory_problem(out, params) is None:
-        try:
-            return json.loads((out / "video_tuples.json").read_text())
-        except (OSError, ValueError) as err:  # a manifest from before file lists, over a damaged file
-            from transferrable.manifest import warn_rebuild
-
-            warn_rebuild("video tuples", out, f"video_tuples.json does not parse ({type(err).__name__})")
-    else:
-        warn_if_damaged(out, params, "video tuples")
-    data = generate(params)
-    (out / "manifest.json").unlink(missing_ok=True)  # the old manifest must not vouch for the new file mid-write
-    atomic_write_json(out / "video_tuples.json", data)
-    atomic_write_json(out / "manifest.json", {"params": params, "videos": {s: len(v) for s, v in data.items()},
-                                              "files": file_sizes(out)})
-    return data
+    cache = ArtifactCache(root, version=VERSION, what="video tuples")
+    return cache.get_or_build(params, write, kind="dir", name=digest(params, 16),
+                              load=lambda path, _: json.loads((path / "video_tuples.json").read_text()))
 
 
 def tuple_features(rows: list[dict], kind: str) -> torch.Tensor:

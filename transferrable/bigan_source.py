@@ -12,15 +12,12 @@ architecture, dataset and ``bigan_source_overrides`` reuse it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from transferrable.atomic import atomic_write_bytes
-from transferrable.manifest import sidecar, usable_weights_file, write_sidecar
+from transferrable.artifact_cache import ArtifactCache, adopt_state_dict_file, digest
 from transferrable.nested_run import (
     _as_overrides,
     check_dataset_choice,
@@ -35,17 +32,24 @@ log = logging.getLogger(__name__)
 BIGAN_PREFIX = "bigan:"
 # keys that differ between BiGAN training and supervised use but not in the learned conv weights
 _NOT_IN_KEY = ("weights", "freeze", "norm_eval", "batch_norm", "reinit_unfrozen", "dropout", "init")
+CACHE_VERSION = 1  # of the entries' manifests (``<name>.pt.manifest.json``)
 
 
 def _overrides_node(cfg: DictConfig) -> dict:
     return overrides_node(cfg, "bigan_source_overrides")
 
 
+def bigan_cache(cfg: DictConfig) -> ArtifactCache:
+    """``<cache_dir>/bigan``: one encoder ``.pt`` per (architecture, dataset, overrides), its manifest keyed by the
+    file's stem."""
+    return ArtifactCache(cfg.paths.cache_dir, "bigan", CACHE_VERSION, what="BiGAN encoder")
+
+
 def bigan_source_path(cfg: DictConfig, dataset: str) -> Path:
     arch = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if k not in _NOT_IN_KEY}
     parts = [arch, dataset, _overrides_node(cfg)]
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(cfg.paths.cache_dir) / "bigan" / f"bigan_alexnet-{dataset}-{arch.get('input_size', 'any')}px-{digest}.pt"
+    name = f"bigan_alexnet-{dataset}-{arch.get('input_size', 'any')}px-{digest(parts, 10)}.pt"
+    return bigan_cache(cfg).path_for(name, name=name)
 
 
 def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
@@ -74,10 +78,8 @@ def pretrain_bigan_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
     exported = metrics.get("encoder_checkpoint")
     if not exported or not Path(exported).is_file():
         raise RuntimeError(f"[source] BiGAN training on {dataset} exported no encoder in {run_dir}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sidecar(path).unlink(missing_ok=True)  # the old manifest must not vouch for the new file mid-write
-    atomic_write_bytes(path, Path(exported).read_bytes())
-    write_sidecar(path, path.stem)
+    ArtifactCache(path.parent, version=CACHE_VERSION, what="BiGAN encoder").write_bytes(
+        path, path.stem, Path(exported).read_bytes())  # atomically, then its manifest
     print(f"[source] cached {path} (BiGAN test/knn1_acc={metrics.get('test/knn1_acc', float('nan')):.4f})", flush=True)
     return path
 
@@ -90,7 +92,8 @@ def resolve_bigan_weights(cfg: DictConfig) -> None:
     if "BiGANAlexNet" not in str(cfg.backbone.get("_target_")):
         raise ValueError(f"backbone.weights={spec!r} needs backbone=bigan_alexnet (the conv BiGAN encoder)")
     path = bigan_source_path(cfg, dataset)
-    if not usable_weights_file(path, path.stem, "BiGAN encoder"):
+    _, why = bigan_cache(cfg).read(path, path.stem, adopt=adopt_state_dict_file)  # damaged: warned, retrained
+    if why is not None:
         pretrain_bigan_source(cfg, dataset, path)
     else:
         log.info("using cached BiGAN encoder %s", path)

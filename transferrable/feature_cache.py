@@ -1,4 +1,4 @@
-"""On-disk cache of extracted features (DeCAF's frozen activations, raw pixels, HOG).
+"""On-disk cache of extracted features (DeCAF's frozen activations, raw pixels, HOG): an ``ArtifactCache``.
 
 An entry is identified by a *key*: a JSON-able dict naming everything the array depends on (the weights --
 a checkpoint's sha256 or ``random:<seed>`` plus a hash of the loaded state --, the backbone config, the tap,
@@ -9,42 +9,33 @@ key's sha256 names two files under the cache directory (``${paths.cache_dir}/fea
     <feature>-<hash16>.json   the manifest: version, the full key and its hash, shape, dtype, n, the
                               .npy file's size and sha256 -- written last, so it marks a complete entry
 
-Both are written atomically (temporary file + ``os.replace``), so a crash never leaves a half-written file
-under the final name and concurrent sweep jobs at worst compute the same entry twice. On load, a manifest
-whose key, version, shape or checksum does not match -- a truncated ``.npy``, a file copied over from other
-weights, an old format -- is reported with a ``FeatureCacheWarning`` and the entry is rebuilt; a damaged
-entry is never used silently.
+``FeatureCache`` is a thin layer over ``transferrable.artifact_cache.ArtifactCache`` (``record_key=True``,
+``manifest_name="{stem}.json"``), which writes both atomically (temporary file + ``os.replace``), so a crash never
+leaves a half-written file under the final name and concurrent sweep jobs at worst compute the same entry twice.
+On load, a manifest whose key, version, shape or checksum does not match -- a truncated ``.npy``, a file copied
+over from other weights, an old format -- is reported with a ``FeatureCacheWarning`` and the entry is rebuilt; a
+damaged entry is never used silently.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import logging
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transferrable.atomic import atomic_write_bytes, atomic_write_json
-from transferrable.manifest import CacheWarning, file_sha256
+from transferrable.artifact_cache import ABSENT, NO_MANIFEST, ArtifactCache, CacheWarning, Unusable, key_hash
 
-log = logging.getLogger(__name__)
+__all__ = ["CACHE_VERSION", "FeatureCache", "FeatureCacheWarning", "key_hash", "state_sha256"]
 
 CACHE_VERSION = 1
 
 
 class FeatureCacheWarning(CacheWarning):
     """A cache entry was unusable (truncated, other key, other version) and is being rebuilt."""
-
-
-def key_hash(key: dict[str, Any]) -> str:
-    """sha256 of the key's canonical JSON (sorted keys), hex."""
-    blob = json.dumps(key, sort_keys=True, default=str, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def state_sha256(module) -> str:
@@ -66,6 +57,13 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "feature"
 
 
+def _load_npy(path: Path, manifest: dict) -> np.ndarray:
+    arr = np.load(path, allow_pickle=False)
+    if list(arr.shape) != list(manifest.get("shape", [])) or str(arr.dtype) != manifest.get("dtype"):
+        raise Unusable(f"array {arr.shape}/{arr.dtype} != manifest {manifest.get('shape')}/{manifest.get('dtype')}")
+    return arr
+
+
 class FeatureCache:
     """``get_or_compute(name, key, compute)``: the cached array for ``key``, else ``compute()`` stored."""
 
@@ -75,78 +73,31 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         self.rebuilt = 0
+        self.cache = ArtifactCache(self.root, version=CACHE_VERSION, what="feature cache entry", record_key=True,
+                                   manifest_name="{stem}.json", warning=FeatureCacheWarning)
 
     def paths(self, name: str, key: dict[str, Any]) -> tuple[Path, Path]:
-        stem = f"{_slug(name)}-{key_hash(key)[:16]}"
-        return self.root / f"{stem}.npy", self.root / f"{stem}.json"
-
-    # -- read -----------------------------------------------------------------------------------
-    def _problem(self, npy: Path, manifest: Path, key: dict[str, Any]) -> tuple[str | None, np.ndarray | None]:
-        """(why the entry is unusable, None) or (None, the array)."""
-        try:
-            meta = json.loads(manifest.read_text())
-        except (OSError, ValueError) as err:
-            return f"unreadable manifest ({type(err).__name__})", None
-        if meta.get("version") != CACHE_VERSION:
-            return f"cache version {meta.get('version')} != {CACHE_VERSION}", None
-        if meta.get("key_hash") != key_hash(key) or meta.get("key") != json.loads(json.dumps(key, default=str)):
-            differs = sorted(k for k in set(key) | set(meta.get("key") or {})
-                             if json.dumps((meta.get("key") or {}).get(k), sort_keys=True, default=str)
-                             != json.dumps(key.get(k), sort_keys=True, default=str))
-            return f"it was written for another key (differs in: {', '.join(differs) or 'hash'})", None
-        if not npy.is_file():
-            return "the .npy file is missing", None
-        size = npy.stat().st_size
-        if size != meta.get("nbytes"):
-            return f"the .npy file has {size} bytes, the manifest says {meta.get('nbytes')} (truncated?)", None
-        if file_sha256(npy) != meta.get("sha256"):
-            return "the .npy file's checksum does not match its manifest", None
-        try:
-            arr = np.load(npy, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:
-            return f"the .npy file does not load ({type(err).__name__}: {err})", None
-        if list(arr.shape) != list(meta.get("shape", [])) or str(arr.dtype) != meta.get("dtype"):
-            return f"array {arr.shape}/{arr.dtype} != manifest {meta.get('shape')}/{meta.get('dtype')}", None
-        return None, arr
+        npy = self.cache.path_for(key, prefix=f"{_slug(name)}-", suffix=".npy")
+        return npy, self.cache.manifest_path(npy)
 
     def load(self, name: str, key: dict[str, Any]) -> np.ndarray | None:
         """The cached array, or None (a miss). A damaged or mismatched entry warns and counts as a miss."""
         if not self.enabled:
             return None
-        npy, manifest = self.paths(name, key)
-        if not manifest.is_file():
-            return None
-        why, arr = self._problem(npy, manifest, key)
-        if why is not None:
+        npy, _ = self.paths(name, key)
+        arr, why = self.cache.read(npy, key, _load_npy)
+        if why not in (None, ABSENT, NO_MANIFEST):  # damaged: warned by the cache
             self.rebuilt += 1
-            warnings.warn(f"feature cache entry {manifest.name} for '{name}' is unusable: {why}; rebuilding it",
-                          FeatureCacheWarning, stacklevel=2)
-            log.warning("feature cache %s: %s; rebuilding", manifest, why)
-            manifest.unlink(missing_ok=True)
-            return None
         return arr
 
-    # -- write ----------------------------------------------------------------------------------
     def save(self, name: str, key: dict[str, Any], array: np.ndarray) -> Path:
-        npy, manifest = self.paths(name, key)
+        npy, _ = self.paths(name, key)
         array = np.ascontiguousarray(array)
         buf = io.BytesIO()
         np.save(buf, array, allow_pickle=False)
         data = buf.getvalue()
-        manifest.unlink(missing_ok=True)  # the old manifest must not vouch for the new .npy mid-write
-        atomic_write_bytes(npy, data)
-        atomic_write_json(manifest, {
-            "version": CACHE_VERSION,
-            "name": name,
-            "key": json.loads(json.dumps(key, default=str)),
-            "key_hash": key_hash(key),
-            "shape": list(array.shape),
-            "dtype": str(array.dtype),
-            "n": int(array.shape[0]) if array.ndim else 1,
-            "nbytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        })
-        return npy
+        return self.cache.write_bytes(npy, key, data, name=name, shape=list(array.shape), dtype=str(array.dtype),
+                                      n=int(array.shape[0]) if array.ndim else 1, nbytes=len(data))
 
     def get_or_compute(self, name: str, key: dict[str, Any], compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
         """(array, hit)."""

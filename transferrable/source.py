@@ -8,16 +8,13 @@ architecture config (everything but weights/freeze) + the source dataset + the i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from transferrable.atomic import atomic_torch_save
+from transferrable.artifact_cache import ArtifactCache, adopt_state_dict_file, digest
 from transferrable.bigan_source import resolve_bigan_weights
-from transferrable.manifest import sidecar, usable_weights_file, write_sidecar
 from transferrable.nested_run import (
     _as_overrides,
     check_dataset_choice,
@@ -32,6 +29,7 @@ log = logging.getLogger(__name__)
 SOURCE_PREFIX = "source:"
 # Backbone keys that do not change the learned weights' shapes or meaning.
 _NOT_IN_KEY = ("weights", "freeze", "norm_eval")
+CACHE_VERSION = 1  # of the entries' manifests (``<key>.pt.manifest.json``)
 
 
 def source_key(backbone_cfg: DictConfig, dataset: str, source_overrides: DictConfig | dict | None = None) -> str:
@@ -39,14 +37,18 @@ def source_key(backbone_cfg: DictConfig, dataset: str, source_overrides: DictCon
     arch = {k: v for k, v in OmegaConf.to_container(backbone_cfg, resolve=True).items() if k not in _NOT_IN_KEY}
     how = OmegaConf.to_container(source_overrides, resolve=True) if isinstance(source_overrides, DictConfig) else source_overrides
     parts = [arch, dataset] + ([how] if how else [])  # no overrides: the key of the default recipe
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = str(arch.get("_target_", "backbone")).rsplit(".", 1)[-1].lower()
-    return f"{name}-{dataset}-{arch.get('input_size', 'any')}px-{digest}"
+    return f"{name}-{dataset}-{arch.get('input_size', 'any')}px-{digest(parts, 10)}"
+
+
+def source_cache(cfg: DictConfig) -> ArtifactCache:
+    """``<cache_dir>/source``: one ``<source_key>.pt`` per representation, its manifest keyed by that name."""
+    return ArtifactCache(cfg.paths.cache_dir, "source", CACHE_VERSION, what="source representation")
 
 
 def source_checkpoint_path(cfg: DictConfig, dataset: str) -> Path:
     key = source_key(cfg.backbone, dataset, cfg.get("source_overrides"))
-    return Path(cfg.paths.cache_dir) / "source" / f"{key}.pt"
+    return source_cache(cfg).path_for(key, name=f"{key}.pt")
 
 
 def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictConfig:
@@ -75,15 +77,15 @@ def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
         raise RuntimeError(f"[source] pretraining on {dataset} produced no checkpoint in {run_dir}")
     blob = torch.load(ckpt, map_location="cpu", weights_only=True)
     state = {k[len("backbone."):]: v for k, v in blob["state_dict"].items() if k.startswith("backbone.")}
-    sidecar(path).unlink(missing_ok=True)  # the old manifest must not vouch for the new file mid-write
-    atomic_torch_save(path, {
-        "arch": blob.get("backbone_arch"),
-        "state_dict": state,
-        "source_dataset": dataset,
-        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
-        "config_yaml": OmegaConf.to_yaml(pre.backbone),
-    })
-    write_sidecar(path, path.stem)  # after the file: its presence vouches for a complete one
+    # written atomically, then its manifest (keyed by the file's name): its presence vouches for a complete file
+    with ArtifactCache(path.parent, version=CACHE_VERSION, what="source representation").writer(path, path.stem) as w:
+        torch.save({
+            "arch": blob.get("backbone_arch"),
+            "state_dict": state,
+            "source_dataset": dataset,
+            "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
+            "config_yaml": OmegaConf.to_yaml(pre.backbone),
+        }, w.path)
     print(f"[source] cached {path} (test/acc={metrics.get('test/acc', float('nan')):.4f})", flush=True)
     return path
 
@@ -99,7 +101,9 @@ def resolve_source_weights(cfg: DictConfig) -> None:
     dataset = spec[len(SOURCE_PREFIX):]
     check_dataset_choice(spec, dataset, what="source dataset")
     path = source_checkpoint_path(cfg, dataset)
-    if not usable_weights_file(path, path.stem, "source representation"):
+    # a file from before manifests is adopted when it loads; a damaged one warns (CacheWarning) and is retrained
+    _, why = source_cache(cfg).read(path, path.stem, adopt=adopt_state_dict_file)
+    if why is not None:
         pretrain_source(cfg, dataset, path)
     else:
         log.info("using cached source representation %s", path)

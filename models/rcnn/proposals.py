@@ -12,18 +12,16 @@ Policy for an image where proposals come back empty (a flat image, or everything
 ``sliding_windows`` of that image (counted as ``empty_fallback`` in ``ProposalCache.stats`` and logged), so
 every image is scored; the whole image box is always among those windows.
 
-``ProposalCache``: one ``.npz`` per image under the cache directory, named by image id + method + the
-parameters (mode, width, ...); it stores the image size it was computed for. A file whose stored size
+``ProposalCache``: an ``ArtifactCache`` (``transferrable.artifact_cache``) of one ``.npz`` per image under the cache
+directory, named by image id + method + the parameters (mode, width, ...); it stores the image size it was computed for. A file whose stored size
 differs from the image's (a cache left from another image size with the same ids, e.g. regenerated scenes)
 is reported with a warning, counted as ``size_mismatch`` and recomputed; a truncated or damaged file, or one
-whose manifest (``transferrable.manifest.save_npz``: version, key hash, each array's shape, dtype and sha256)
+whose manifest (inside the ``.npz``: version, key hash, each array's shape, dtype and sha256)
 does not match, with a ``CacheWarning`` (``corrupt``). Writes are atomic.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from collections import Counter
@@ -31,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from transferrable.manifest import load_npz, save_npz, warn_rebuild
+from transferrable.artifact_cache import ABSENT, ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 
 SS_MODES = ("fast", "quality", "single")
+CACHE_VERSION = 1  # of the entries' manifests
 
 
 class ProposalError(RuntimeError):
@@ -126,14 +125,14 @@ class ProposalCache:
         if method not in ("selective_search", "sliding_window"):
             raise ValueError(f"rcnn.proposals.method={method!r}: expected selective_search or sliding_window")
         self.dir = None if cache_dir is None else Path(cache_dir)
+        self.cache = None if cache_dir is None else ArtifactCache(cache_dir, version=CACHE_VERSION, what="proposal cache")
         self.method, self.params = method, dict(params)
-        digest = hashlib.sha256(json.dumps([method, self.params], sort_keys=True, default=str).encode()).hexdigest()
         mode = self.params.get("mode", "sw") if method == "selective_search" else "sw"
-        self.tag = f"{mode}-w{self.params.get('width', 'n')}-{digest[:10]}"
+        self.tag = f"{mode}-w{self.params.get('width', 'n')}-{digest([method, self.params], 10)}"
         self.stats: Counter = Counter()
 
     def path(self, image_id: str) -> Path | None:
-        return None if self.dir is None else self.dir / f"{_safe(image_id)}.{self.tag}.npz"
+        return None if self.cache is None else self.cache.dir / f"{_safe(image_id)}.{self.tag}.npz"
 
     def compute(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
@@ -154,8 +153,8 @@ class ProposalCache:
     def get(self, image_id: str, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
         path = self.path(image_id)
-        if path is not None and path.is_file():
-            arrays, why = load_npz(path, self.key(image_id, w, h))
+        arrays, why = (None, ABSENT) if path is None else self.cache.read_arrays(path, self.key(image_id, w, h), warn=False)
+        if why != ABSENT:
             size = tuple(int(v) for v in arrays["image_size"]) if arrays is not None else None
             if arrays is None:
                 try:  # a file computed for another image size (regenerated scenes, same ids) is not damage
@@ -169,12 +168,12 @@ class ProposalCache:
                             path, size[0], size[1], w, h)
             elif arrays is None:
                 self.stats["corrupt"] += 1
-                warn_rebuild("proposal cache", path, why)
+                self.cache.warn(path, why)
             else:
                 self.stats["hits"] += 1
                 return arrays["boxes"].astype(np.float32)
         self.stats["misses"] += 1
         boxes = self.compute(image)
         if path is not None:
-            save_npz(path, {"boxes": boxes, "image_size": np.array([w, h])}, self.key(image_id, w, h))
+            self.cache.write_arrays(path, self.key(image_id, w, h), {"boxes": boxes, "image_size": np.array([w, h])})
         return boxes

@@ -23,16 +23,16 @@ result is a deterministic function of the image and the parameters.
 Policy for an image that yields no region (every region under ``min_area``, e.g. a tiny image with a huge
 ``min_area``): the whole image is its one region, counted as ``whole_image_fallback`` in ``stats``.
 
-``SegmentCache``: one compressed ``.npz`` per image (masks bit-packed) named by image id + a digest of the
-parameters, storing the image size it was computed for; a size mismatch or unreadable file is reported,
-counted (``size_mismatch`` / ``corrupt``) and recomputed. Writes are atomic.
+``SegmentCache``: an ``ArtifactCache`` (``transferrable.artifact_cache``) of one ``.npz`` per image (masks bit-packed,
+the manifest inside) named by image id + a digest of the parameters, storing the image size it was computed for; a
+size mismatch or unreadable file is reported, counted (``size_mismatch`` / ``corrupt``) and recomputed. Writes are
+atomic.
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
-import json
 import logging
 import re
 from collections import Counter
@@ -40,12 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-from transferrable.manifest import load_npz, save_npz, warn_rebuild
+from transferrable.artifact_cache import ABSENT, ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 
 COLOUR_SPACES = ("rgb", "hsv", "lab")
 HIST_BINS = 25
+CACHE_VERSION = 1  # of the entries' manifests
 
 
 def to_colour_space(image: np.ndarray, space: str) -> np.ndarray:
@@ -238,13 +239,13 @@ class SegmentCache:
 
     def __init__(self, cache_dir: str | Path | None, proposals: SegmentProposals):
         self.dir = None if cache_dir is None else Path(cache_dir)
+        self.cache = None if cache_dir is None else ArtifactCache(cache_dir, version=CACHE_VERSION, what="segment cache")
         self.proposals = proposals
-        digest = hashlib.sha256(json.dumps(proposals.params, sort_keys=True).encode()).hexdigest()
-        self.tag = f"seg{proposals.max_regions}-{digest[:10]}"
+        self.tag = f"seg{proposals.max_regions}-{digest(proposals.params, 10)}"
         self.stats: Counter = Counter()
 
     def path(self, image_id: str) -> Path | None:
-        return None if self.dir is None else self.dir / f"{_safe(image_id)}.{self.tag}.npz"
+        return None if self.cache is None else self.cache.dir / f"{_safe(image_id)}.{self.tag}.npz"
 
     def key(self, image_id: str, width: int, height: int) -> dict:
         return {"kind": "segments", "params": self.proposals.params, "max_regions": self.proposals.max_regions,
@@ -254,8 +255,8 @@ class SegmentCache:
         """(masks bool R x H x W, boxes float32 R x 4) of one image."""
         h, w = image.shape[:2]
         path = self.path(image_id)
-        if path is not None and path.is_file():
-            z, why = load_npz(path, self.key(image_id, w, h))
+        z, why = (None, ABSENT) if path is None else self.cache.read_arrays(path, self.key(image_id, w, h), warn=False)
+        if why != ABSENT:
             size = tuple(int(v) for v in z["image_size"]) if z is not None else None
             if z is None:
                 try:  # computed for another image size (regenerated scenes, same ids): not damage
@@ -269,7 +270,7 @@ class SegmentCache:
                             path, size[0], size[1], w, h)
             elif z is None:
                 self.stats["corrupt"] += 1
-                warn_rebuild("segment cache", path, why)
+                self.cache.warn(path, why)
             else:
                 self.stats["hits"] += 1
                 n = int(z["count"])
@@ -283,6 +284,7 @@ class SegmentCache:
             log.warning("image %s: no region of at least min_area=%g; using the whole image as its one region",
                         image_id, self.proposals.min_area)
         if path is not None:
-            save_npz(path, {"masks": np.packbits(masks.ravel()), "boxes": boxes, "count": np.array(len(masks)),
-                            "image_size": np.array([w, h])}, self.key(image_id, w, h))
+            self.cache.write_arrays(path, self.key(image_id, w, h), {
+                "masks": np.packbits(masks.ravel()), "boxes": boxes, "count": np.array(len(masks)),
+                "image_size": np.array([w, h])})
         return masks, boxes
