@@ -10,7 +10,7 @@ right after the imports and set-up (``VmRSS``).
 What runs is ``task=rcnn``'s own SVM stage: the pool5 cache is a float16 ``np.memmap`` (the task's
 ``feature_dtype``) of N images x 200 regions (2 ground-truth boxes first, as ``ImageSet`` lays them out),
 read through ``ChunkedRows`` with fc7 computed per chunk by ``RCNNModule.from_pool5`` (the task's default
-``layers: [fc7]``), and ``RCNNModule.train_svms`` (positives, negatives by ``class_max_iou`` < 0.3,
+``layers: [fc7]``), and ``engine.rcnn.train_svms`` (positives, negatives by ``class_max_iou`` < 0.3,
 ``HardNegativeMiner``). Backbone ``caffenet_mini`` (pool5 1024-d, fc7 512-d, random weights), 5 classes; the
 miner's budget is ``max_cache`` negatives per class.
 """
@@ -90,22 +90,24 @@ def _worker(path: str, images: int) -> dict:
     from omegaconf import OmegaConf
 
     from bench.suite import CONF_DIR
-    from lightning_modules.rcnn import ImageSet, RCNNModule
+    from engine.rcnn import train_svms
+    from lightning_modules.rcnn import RCNNModule
     from models.rcnn.feature_rows import ChunkedRows
     from models.rcnn.svm import norm_scale
+    from models.rcnn.windows import ImageSet
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = OmegaConf.load(CONF_DIR / "backbone" / "caffenet_mini.yaml")
     cfg.weights = None
     torch.manual_seed(0)
-    module = RCNNModule(instantiate(cfg), CLASSES, svm=SVM, cache=False, cache_dir=None).eval()
+    module = RCNNModule(instantiate(cfg), CLASSES, svm=SVM, cache=False).eval()
     items, proposals = _scene(images)
     data = ImageSet("train", items, proposals, True)
     pool5 = np.memmap(path, dtype=np.float16, mode="r", shape=(data.num_regions, POOL5_DIM))
     setup = _status_mib("VmRSS")
     feats = ChunkedRows(pool5, partial(module.from_pool5, layer="fc7"))
     scale = norm_scale(feats[: min(len(feats), 20000)], SVM["feature_norm"])
-    miner = module.train_svms(data, feats, scale)
+    miner = train_svms(module, data, feats, scale)
     # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a worker forked from a big
     # parent would report the parent's resident set as its own peak
     peak = _status_mib("VmHWM")

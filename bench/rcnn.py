@@ -11,7 +11,7 @@ weights -- on the same images and proposals, interleaved in one run: VGG16's sec
 * **stages**: exactly ``task=rcnn``'s test path: ``ProposalCache.compute`` (selective search, the task's
   defaults: fast mode at 240 px, at most 500 boxes), ``RCNNModule.image_pool5`` (which times its warping and
   CNN parts), fc7 from pool5 + linear scores for the 10 classes (the SVMs' ``X @ W.T + b``) + per-class NMS
-  and the top 100 (``detect_boxes``).
+  and the top 100 (``models.rcnn.detection.detect_boxes``).
 * **bare forward**: ``backbone.forward_taps(x, "pool5")`` on pre-warped region batches of the same size
   (``feature_batch``), same memory format and autocast: pure CNN compute, the best a warp pipeline can do.
 
@@ -54,25 +54,20 @@ def _images(n: int) -> list[np.ndarray]:
 def _module(mode: str, max_proposals: int, width: int | None = None, backbone_cfg=None):
     from lightning_modules.rcnn import RCNNModule
 
-    task = OmegaConf.load(CONF_DIR / "task" / "rcnn.yaml")
     cfg = backbone_cfg if backbone_cfg is not None else OmegaConf.load(CONF_DIR / "backbone" / "caffenet_mini.yaml")
     cfg.weights = None
     torch.manual_seed(0)
-    proposals = {**OmegaConf.to_container(task.rcnn.proposals), "max_proposals": max_proposals}
-    if width:
-        proposals["width"] = width
-    module = RCNNModule(instantiate(cfg), 10, proposals=proposals, feature_mode=mode, cache=False,
-                        feature_batch=int(task.rcnn.feature_batch)).eval()
-    module.pool5_dim = module.backbone.feature_dim("pool5")
-    return module
+    proposals = {"max_proposals": max_proposals, **({"width": width} if width else {})}
+    # every other rcnn.* value is conf/task/rcnn.yaml's (the module reads it); proposals are merged into its node
+    return RCNNModule(instantiate(cfg), 10, proposals=proposals, feature_mode=mode, cache=False).eval()
 
 
 def _one_pass(module, images, svm_w, svm_b) -> dict[str, float]:
     """Seconds per image of each stage over ``images`` (test path of ``task=rcnn``), and regions per image."""
-    from lightning_modules.rcnn import detect_boxes
+    from models.rcnn.detection import detect_boxes
     from models.rcnn.proposals import ProposalCache
 
-    cache = ProposalCache(None, **module.proposal_cfg)
+    cache = ProposalCache(None, **module.cfg["proposals"])
     module.timing.clear()
     t_prop = t_score = 0.0
     regions = 0
@@ -83,7 +78,7 @@ def _one_pass(module, images, svm_w, svm_b) -> dict[str, float]:
         pool5 = module.image_pool5(img, boxes, MEAN, STD)
         t = time.perf_counter()
         scores = module.from_pool5(pool5, "fc7") @ svm_w.T + svm_b
-        detect_boxes(boxes, scores, None, img.shape[1::-1], module.hparams.nms_threshold, module.hparams.max_per_image)
+        detect_boxes(boxes, scores, None, img.shape[1::-1], module.cfg["nms_threshold"], module.cfg["max_per_image"])
         t_score += time.perf_counter() - t
         regions += len(boxes)
     n = len(images)
@@ -107,10 +102,10 @@ def rcnn(ctx: Context) -> list[Figure]:
         svm_w = rng.normal(size=(10, warp_mod.backbone.feature_dim("fc7"))).astype(np.float32)
         svm_b = np.zeros(10, np.float32)
         # the bare forward's input: every image's proposals, warped once beforehand, in feature_batch chunks
-        cache = ProposalCache(None, **warp_mod.proposal_cfg)
+        cache = ProposalCache(None, **warp_mod.cfg["proposals"])
         warped = torch.cat([warp_regions(image_tensor(img, MEAN, STD), cache.compute(img), warp_mod.size,
                                          warp_mod.pad) for img in images])
-        bs = int(warp_mod.hparams.feature_batch)
+        bs = int(warp_mod.cfg["feature_batch"])
         chunks = [warped[s:s + bs].contiguous(memory_format=torch.channels_last) for s in range(0, len(warped), bs)]
         backbone = warp_mod.backbone
 
@@ -175,7 +170,7 @@ def rcnn_archs(ctx: Context) -> list[Figure]:
         # the experiment's own backbone configs (its 64 px, 2x2 pool5; VGG16-BN from conf/task_backbone)
         cfgs = {a: compose_train_config(["experiment=rcnn_archs", f"backbone={a}"]).backbone for a in ARCHS}
         modules = {a: _module("warp", max_proposals, backbone_cfg=cfgs[a]) for a in ARCHS}
-        cache = ProposalCache(None, **modules[ARCHS[0]].proposal_cfg)
+        cache = ProposalCache(None, **modules[ARCHS[0]].cfg["proposals"])
         boxes = [cache.compute(img) for img in images]
 
         def per_image(arch: str):

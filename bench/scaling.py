@@ -64,7 +64,7 @@ def rcnn_proposals(ctx: Context) -> Figure:
     from lightning_modules.rcnn import RCNNModule
 
     sizes = (16, 32, 64) if ctx.quick else (100, 200, 400)
-    module = RCNNModule(_backbone(), 10, cache=False, cache_dir=None).eval()
+    module = RCNNModule(_backbone(), 10, cache=False).eval()
     image = cv2.resize(data.astronaut(), (160, 120), interpolation=cv2.INTER_AREA)
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, [150, 110], (max(sizes), 2))

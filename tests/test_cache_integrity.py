@@ -60,18 +60,19 @@ def _segments(root: Path):
 
 
 def _pool5(root: Path):
-    from lightning_modules.rcnn import ImageSet, RCNNModule
+    from engine.rcnn import pool5_features
+    from lightning_modules.rcnn import RCNNModule
     from models.backbones import CaffeNetMini
+    from models.rcnn.windows import ImageSet
 
     torch.manual_seed(0)
     model = RCNNModule(CaffeNetMini(widths=[8, 16, 16, 16, 16], fc_dim=32), num_classes=2, bf16=False,
                        channels_last=False)
-    model._digest, model._proposal_tag, model.pool5_dim = "weights", "proposals", model.backbone.feature_dim("pool5")
     boxes = np.array([[0, 0, 30, 30], [10, 5, 60, 40], [20, 20, 50, 45]], np.float32)
     items = [{"image_id": f"im{i}", "image": np.roll(_photo(), 7 * i, 1), "boxes": np.zeros((0, 4), np.float32),
               "labels": np.zeros(0, np.int64), "difficult": np.zeros(0, bool)} for i in range(2)]
     data = ImageSet("train", items, [boxes, boxes[:2]], with_gt=False)
-    return np.array(model.pool5_features(data, (0.5,) * 3, (0.25,) * 3, root))
+    return np.array(pool5_features(model, data, (0.5,) * 3, (0.25,) * 3, root, weights="weights", proposals="proposals"))
 
 
 def _frames(root: Path):

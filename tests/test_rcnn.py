@@ -213,7 +213,7 @@ def test_bbox_targets_round_trip_and_ridge_reduces_error():
 
 # -- NMS ----------------------------------------------------------------------------------------------
 def test_nms_per_class_and_cap():
-    from lightning_modules.rcnn import detect_boxes
+    from models.rcnn.detection import detect_boxes
 
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], np.float32)  # IoU(0, 1) = 0.68
     scores = np.array([[0.9, 0.2], [0.8, 0.7], [0.1, 0.3]])
@@ -229,8 +229,10 @@ def test_nms_per_class_and_cap():
 # -- end to end -----------------------------------------------------------------------------------------
 def test_rcnn_end_to_end_beats_random_scoring(fmnist_dir, tmp_path):
     from conftest import compose_train, point_paths_at
+    from omegaconf import open_dict
 
-    from lightning_modules.rcnn import detect_boxes
+    from engine.rcnn import run as rcnn_pipeline
+    from models.rcnn.detection import detect_boxes
     from transferrable.runner import build_datamodule, build_model, build_trainer
 
     cfg = compose_train([
@@ -246,7 +248,7 @@ def test_rcnn_end_to_end_beats_random_scoring(fmnist_dir, tmp_path):
     torch.manual_seed(0)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm.num_classes)
-    metrics = model.run_task(build_trainer(cfg, []), dm, tmp_path / "run")
+    metrics = rcnn_pipeline(cfg, build_trainer(cfg, []), dm, model)
     for key in ("test/mAP", "test/mAP_07", "test/svm/pool5/mAP", "test/svm/fc7+bb/mAP", "test/softmax/fc7/mAP"):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0
     assert metrics["rcnn/main"] == "svm/fc7+bb" and metrics["rcnn/finetuned"] is True
@@ -283,7 +285,10 @@ def test_rcnn_end_to_end_beats_random_scoring(fmnist_dir, tmp_path):
     # reuses the cached fine-tuned network and every cached stage, and gets the same numbers
     assert info["finetune"]["cache_path"].startswith(str(tmp_path / "cache" / "rcnn_finetune"))
     torch.manual_seed(0)
-    again = build_model(cfg, dm.num_classes).run_task(build_trainer(cfg, []), dm, tmp_path / "run2")
+    with open_dict(cfg):  # the same caches, another output directory
+        cfg.paths.output_dir = str(tmp_path / "run2")
+    model2 = build_model(cfg, dm.num_classes)
+    again = rcnn_pipeline(cfg, build_trainer(cfg, []), dm, model2)
     info2 = json.loads((tmp_path / "run2" / "rcnn_results.json").read_text())["info"]
     assert info2["finetune"]["cache"] == "hit"
     assert {k: v for k, v in again.items() if k.startswith("test/")} == {
@@ -316,3 +321,40 @@ def test_svm_weight_sweep_scores_val_with_the_rcnn_layers_setup():
     for key in ("finetune", "max_train_images", "proposals", "svm"):
         assert sweep.rcnn[key] == layers.rcnn[key], key
     assert list(sweep.rcnn.layers) == ["pool5", "fc6", "fc7"]
+
+
+def test_module_defaults_are_the_yaml_and_hparams_load_weights_only(tmp_path):
+    """conf/task/rcnn.yaml is the only place R-CNN's defaults are written: a module built without a config node
+    (tests, benchmarks) has exactly the node Hydra composes, its optimiser and scheduler are the YAML's partials,
+    its hparams are plain containers (a checkpoint loads weights-only), and the fine-tuning cache key names the
+    optimiser only when it is not the one ``rcnn.finetune`` describes (so the default keys never changed)."""
+    from conftest import compose_train
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from engine.rcnn import optimizer_key
+    from lightning_modules.rcnn import RCNNModule
+    from lightning_modules.rcnn_segmentation import RCNNSegmentationModule
+    from models.backbones import CaffeNetMini
+
+    cfg = compose_train(["task=rcnn"])
+    m = RCNNModule(CaffeNetMini(input_size=32), 3)
+    assert m.cfg == OmegaConf.to_container(cfg.rcnn, resolve=True)
+    assert m.cfg["finetune"]["iterations"] == 60 and m.cfg["finetune"]["step_epochs"] == 2
+    hydra_built = instantiate(cfg.model, backbone=CaffeNetMini(input_size=32), num_classes=3)
+    assert hydra_built.cfg == m.cfg and optimizer_key(m) == {} and optimizer_key(hydra_built) == {}
+    opt = m.configure_optimizers()["optimizer"]
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.1), pytest.approx(0.01)]
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 5e-4
+    other = RCNNModule(CaffeNetMini(input_size=32), 3, optimizer=instantiate(
+        {**OmegaConf.to_container(cfg.model.optimizer, resolve=True), "lr": 0.02}))
+    assert set(optimizer_key(other)) == {"optim"}
+    torch.save({"hyper_parameters": dict(m.hparams)}, tmp_path / "h.ckpt")
+    assert torch.load(tmp_path / "h.ckpt", weights_only=True)["hyper_parameters"]["cfg"] == m.cfg
+    seg = RCNNSegmentationModule(CaffeNetMini(input_size=32), 3, layers=["fc6"])
+    assert seg.cfg == {**OmegaConf.to_container(compose_train(["task=rcnn_segmentation"]).rcnn_segmentation),
+                       "layers": ["fc6"]}
+    from transferrable.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rcnn: no such key"):
+        RCNNModule(CaffeNetMini(input_size=32), 3, iteration=5)

@@ -138,7 +138,7 @@ def test_vgg16_headline_is_cpu_sized():
 
 def _toy_image_set(n_images: int = 3):
     """Images with one bright square object each and a grid of proposals around it (labels 0..1)."""
-    from lightning_modules.rcnn import ImageSet
+    from models.rcnn.windows import ImageSet
 
     rng = np.random.default_rng(0)
     items, props = [], []
@@ -158,8 +158,8 @@ def _toy_image_set(n_images: int = 3):
 def test_roi_batches_take_whole_images_positives_first():
     """finetune.windows=roi_pool: a minibatch is `roi_images` whole images, each with an even share of the
     regions, its positives (IoU >= 0.5, class + 1) first; the same item index gives the same minibatch."""
-    from lightning_modules.rcnn import RoiBatches
     from models.rcnn.regions import assign_labels
+    from models.rcnn.windows import RoiBatches
 
     data = _toy_image_set()
     labels = [assign_labels(b, g["boxes"], g["labels"], 0.5)[0] for b, g in zip(data.boxes, data.gt, strict=True)]
@@ -177,9 +177,11 @@ def test_roi_batches_take_whole_images_positives_first():
 def test_roi_fine_tuning_trains_conv_layers_through_roi_pooling():
     """The Fast R-CNN path is differentiable down to conv1, its logits in eval mode equal the head on the
     roi_pool test features of the same boxes, and a few SGD steps fit a fixed minibatch."""
-    from lightning_modules.rcnn import RCNNModule, RoiBatches
+    from engine.rcnn import window_accuracy
+    from lightning_modules.rcnn import RCNNModule
     from models.backbones import CaffeNetMini
     from models.rcnn.regions import assign_labels
+    from models.rcnn.windows import RoiBatches
 
     torch.manual_seed(0)
     data = _toy_image_set()
@@ -208,7 +210,7 @@ def test_roi_fine_tuning_trains_conv_layers_through_roi_pooling():
         losses.append(loss.item())
     assert not torch.equal(conv1, next(m.backbone.stages["conv1"].parameters()))
     assert losses[-1] < 0.5 * losses[0], losses
-    acc = m.window_accuracy(data, (0.5,) * 3, (0.25,) * 3, batches=2)  # held-out style accuracy, same path
+    acc = window_accuracy(m, data, (0.5,) * 3, (0.25,) * 3, batches=2)  # held-out style accuracy, same path
     assert acc["windows"] == 2 * (32 + 96) and 0.0 <= acc["fg_acc"] <= 1.0 and m.training
 
 
@@ -226,8 +228,8 @@ def _chosen(data, batch):
 def test_roi_fine_tuning_default_follows_feature_mode_and_bad_value_is_one_line():
     from conftest import compose_train
 
-    assert compose_train(["task=rcnn", "rcnn.feature_mode=roi_pool"]).model.finetune.windows == "roi_pool"
-    assert compose_train(["task=rcnn"]).model.finetune.windows == "warp"
+    assert compose_train(["task=rcnn", "rcnn.feature_mode=roi_pool"]).model.cfg.finetune.windows == "roi_pool"
+    assert compose_train(["task=rcnn"]).model.cfg.finetune.windows == "warp"
     from lightning_modules.rcnn import RCNNModule
     from models.backbones import CaffeNetMini
 

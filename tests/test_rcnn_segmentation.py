@@ -247,7 +247,9 @@ def test_rcnn_segmentation_end_to_end_beats_background(tmp_path):
     import json
 
     from conftest import compose_train, point_paths_at
+    from omegaconf import open_dict
 
+    from engine.rcnn_segmentation import run as segmentation_pipeline
     from transferrable.runner import build_datamodule, build_model, build_trainer
 
     data = write_shapes_voc(tmp_path / "VOCShapes", 32)
@@ -262,7 +264,7 @@ def test_rcnn_segmentation_end_to_end_beats_background(tmp_path):
     torch.manual_seed(0)
     dm = build_datamodule(cfg)
     model = build_model(cfg, dm.num_classes)
-    metrics = model.run_task(build_trainer(cfg, []), dm, tmp_path / "run")
+    metrics = segmentation_pipeline(cfg, build_trainer(cfg, []), dm, model)
     for k in ("full", "fg", "full+fg"):
         assert 0.0 <= metrics[f"test/{k}/fc6/mean_iou"] <= 1.0
     base = metrics["test/background_only/mean_iou"]
@@ -276,8 +278,10 @@ def test_rcnn_segmentation_end_to_end_beats_background(tmp_path):
     assert (tmp_path / "run" / "segmentations.png").is_file()
     # a second run reuses segments and features from the cache and gives the same numbers
     torch.manual_seed(0)  # the same random weights: the feature cache key is their hash
+    with open_dict(cfg):  # the same caches, another output directory
+        cfg.paths.output_dir = str(tmp_path / "run2")
     model2 = build_model(cfg, dm.num_classes)
-    m2 = model2.run_task(build_trainer(cfg, []), dm, tmp_path / "run2")
+    m2 = segmentation_pipeline(cfg, build_trainer(cfg, []), dm, model2)
     assert model2.stats["feature_cache_test"] == "hit"
     assert m2["test/mean_iou"] == pytest.approx(metrics["test/mean_iou"])
 
