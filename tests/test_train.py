@@ -357,3 +357,18 @@ def test_every_torch_load_is_weights_only():
                     and kw["allow_pickle"].value is not False:
                 bad.append(f"{rel}:{node.lineno} {name} with allow_pickle")
     assert not bad, bad
+
+
+def test_source_key_follows_the_pretraining_recipe():
+    """The classify recipe the source would be pretrained with is in its key: a changed default (epochs, batch,
+    augmentation, optimiser) is a new cache entry, never a silently reused file trained another way."""
+    cfg = compose_train(["backbone.weights=source:fashion_mnist"])
+    recipe = source.pretraining_recipe(cfg, "fashion_mnist")
+    assert recipe["epochs"] == cfg.trainer.max_epochs  # the main job's own recipe (task=classify)
+    assert recipe["data"]["batch_size"] == cfg.dataset.batch_size and recipe["model"]["optimizer"]["lr"] == 0.1
+    key = source.source_key(cfg.backbone, "fashion_mnist", None, recipe)
+    for change in ({"epochs": recipe["epochs"] + 1}, {"data": {**recipe["data"], "augment": "flip_crop_x"}}):
+        assert source.source_key(cfg.backbone, "fashion_mnist", None, {**recipe, **change}) != key
+    with_override = compose_train(["backbone.weights=source:fashion_mnist", "+source_overrides.trainer.max_epochs=1"])
+    assert source.pretraining_recipe(with_override, "fashion_mnist")["epochs"] == 1
+    assert source.source_checkpoint_path(with_override, "fashion_mnist") != source.source_checkpoint_path(cfg, "fashion_mnist")

@@ -2,8 +2,9 @@
 
 Offline there are no ImageNet weights, so the suite pretrains a backbone with ``task=classify`` on a
 large labelled source dataset (Fashion-MNIST by default) and caches it. The cache key is the backbone's
-architecture config (everything but weights/freeze) + the source dataset + the input size, so
-``caffenet_mini`` at 32 px pretrained on Fashion-MNIST is trained once and reused by every later task.
+architecture config (everything but weights/freeze) + the source dataset + the input size + the pretraining
+recipe (epochs, optimiser, schedule, batch size, augmentation of ``task=classify``), so ``caffenet_mini`` at 28 px
+pretrained on Fashion-MNIST is trained once and reused by every later task, and a changed recipe is a new entry.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ _NOT_IN_KEY = ("weights", "freeze", "norm_eval")
 CACHE_VERSION = 1  # of the entries' manifests (``<key>.pt.manifest.json``)
 
 
-def source_key(backbone_cfg: DictConfig, dataset: str, source_overrides: DictConfig | dict | None = None) -> str:
-    """Architecture + source dataset + how it was pretrained (``source_overrides``, e.g. fewer epochs)."""
+def source_key(backbone_cfg: DictConfig, dataset: str, source_overrides: DictConfig | dict | None = None,
+               recipe: dict | None = None) -> str:
+    """Architecture + source dataset + how it was pretrained (``source_overrides``, e.g. fewer epochs, and the
+    composed ``recipe``, see ``pretraining_recipe``)."""
     arch = {k: v for k, v in OmegaConf.to_container(backbone_cfg, resolve=True).items() if k not in _NOT_IN_KEY}
     how = OmegaConf.to_container(source_overrides, resolve=True) if isinstance(source_overrides, DictConfig) else source_overrides
-    parts = [arch, dataset] + ([how] if how else [])  # no overrides: the key of the default recipe
+    parts = [arch, dataset] + ([how] if how else []) + ([{"recipe": recipe}] if recipe else [])
     name = str(arch.get("_target_", "backbone")).rsplit(".", 1)[-1].lower()
     return f"{name}-{dataset}-{arch.get('input_size', 'any')}px-{digest(parts, 10)}"
 
@@ -46,8 +49,21 @@ def source_cache(cfg: DictConfig) -> ArtifactCache:
     return ArtifactCache(cfg.paths.cache_dir, "source", CACHE_VERSION, what="source representation")
 
 
+# what of the composed pretraining config decides the learned weights (besides the backbone and the dataset)
+_RECIPE_DATASET_KEYS = ("batch_size", "augment", "val_fraction", "max_train_samples", "mean", "std")
+
+
+def pretraining_recipe(cfg: DictConfig, dataset: str) -> dict:
+    """How ``task=classify dataset=<dataset>`` would pretrain now: epochs, the model's optimiser/schedule/head,
+    and the dataset's batch size and augmentation (so a changed default recipe never reuses an old file)."""
+    pre = _pretraining_config(cfg, dataset, Path("recipe"))
+    model = {k: v for k, v in OmegaConf.to_container(pre.model, resolve=False).items()}
+    data = {k: OmegaConf.to_container(pre.dataset, resolve=True).get(k) for k in _RECIPE_DATASET_KEYS}
+    return {"epochs": pre.trainer.max_epochs, "model": model, "data": data}
+
+
 def source_checkpoint_path(cfg: DictConfig, dataset: str) -> Path:
-    key = source_key(cfg.backbone, dataset, cfg.get("source_overrides"))
+    key = source_key(cfg.backbone, dataset, cfg.get("source_overrides"), pretraining_recipe(cfg, dataset))
     return source_cache(cfg).path_for(key, name=f"{key}.pt")
 
 
