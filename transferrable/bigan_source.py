@@ -72,15 +72,15 @@ def _pretraining_config(cfg: DictConfig, dataset: str, run_dir: Path) -> DictCon
 def pretrain_bigan_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
     run_dir = path.with_suffix(".run")
     pre = _pretraining_config(cfg, dataset, run_dir)
-    print(f"[source] no cached BiGAN encoder at {path}; training a conv BiGAN on {dataset} "
-          f"({pre.trainer.max_epochs} epochs) -> {run_dir}", flush=True)
+    log.info(f"no cached BiGAN encoder at {path}; training a conv BiGAN on {dataset} "
+          f"({pre.trainer.max_epochs} epochs) -> {run_dir}")
     metrics = run_nested(pre)  # transferrable.runner.train, installed by the runner
     exported = metrics.get("encoder_checkpoint")
     if not exported or not Path(exported).is_file():
         raise RuntimeError(f"[source] BiGAN training on {dataset} exported no encoder in {run_dir}")
     ArtifactCache(path.parent, version=CACHE_VERSION, what="BiGAN encoder").write_bytes(
         path, path.stem, Path(exported).read_bytes())  # atomically, then its manifest
-    print(f"[source] cached {path} (BiGAN test/knn1_acc={metrics.get('test/knn1_acc', float('nan')):.4f})", flush=True)
+    log.info(f"cached {path} (BiGAN test/knn1_acc={metrics.get('test/knn1_acc', float('nan')):.4f})")
     return path
 
 

@@ -199,5 +199,5 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     metrics = plain_metrics(results[0] if results else {})
     out = ckpt_path.with_name(ckpt_path.stem + f".{split}_metrics.json")
     atomic_write_json(out, {"checkpoint": str(ckpt_path), "split": split, **metrics})
-    print(f"metrics written to {out}", flush=True)
+    log.info("metrics written to %s", out)
     return metrics

@@ -85,8 +85,8 @@ def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
 
     run_dir = path.with_suffix(".run")
     pre = _pretraining_config(cfg, dataset, run_dir)
-    print(f"[source] no cached representation at {path}; pretraining {cfg.backbone._target_} on {dataset} "
-          f"(task=classify, {pre.trainer.max_epochs} epochs) -> {run_dir}", flush=True)
+    log.info(f"no cached representation at {path}; pretraining {cfg.backbone._target_} on {dataset} "
+          f"(task=classify, {pre.trainer.max_epochs} epochs) -> {run_dir}")
     metrics = run_nested(pre)  # transferrable.runner.train, installed by the runner
     ckpt = metrics.get("test_checkpoint")
     if not ckpt:
@@ -102,7 +102,7 @@ def pretrain_source(cfg: DictConfig, dataset: str, path: Path) -> Path:
             "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, float)},
             "config_yaml": OmegaConf.to_yaml(pre.backbone),
         }, w.path)
-    print(f"[source] cached {path} (test/acc={metrics.get('test/acc', float('nan')):.4f})", flush=True)
+    log.info(f"cached {path} (test/acc={metrics.get('test/acc', float('nan')):.4f})")
     return path
 
 
