@@ -10,7 +10,6 @@ are ``engine/lrcn_caption.py``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from models.backbones import TapBackbone
 from models.lrcn_caption import LRCNCaptioner
 from transferrable.errors import ConfigError
 from transferrable.vocabulary import Vocabulary, VocabularyMismatchError
-
-log = logging.getLogger(__name__)
 
 
 class LRCNCaptionModule(L.LightningModule):
