@@ -30,15 +30,26 @@ FASHION_MNIST_TRAIN = 54000  # 60k minus the 10% validation split
 THRESHOLD = 0.70  # bigan_time_to_accuracy's default: measured here, see the README "BiGAN" section
 
 
+def bigan_module(settings: dict, seed: int = 0):
+    """An MLP ``BiGANModule`` as ``conf/task/bigan.yaml`` builds it (its ``bigan:`` node updated by ``settings``)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / "bigan.yaml")
+    task.bigan = OmegaConf.merge(task.bigan, settings)
+    task.seed = seed
+    return instantiate(task.model, backbone=None, num_classes=10)
+
+
 def _fit_rate(objective: str, precision: str, batch: int, hidden: list[int], skip: int, steps: int) -> float:
-    from lightning_modules.bigan import BiGANModule, SplitTensors, _batch_sampler_loader
+    from datamodules.in_memory import SplitTensors, batch_sampler_loader
 
     torch.manual_seed(0)
-    module = BiGANModule(None, 10, {"objective": objective, "hidden": hidden, "grids": False})
+    module = bigan_module({"objective": objective, "hidden": hidden, "grids": False})
     n = (skip + steps) * batch
     gen = torch.Generator().manual_seed(0)
     split = SplitTensors(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen), torch.zeros(n, dtype=torch.long))
-    loader = _batch_sampler_loader(split, batch, shuffle=True, seed=0, drop_last=True)
+    loader = batch_sampler_loader(split, batch, shuffle=True, seed=0, drop_last=True)
     timer = StepTimer(skip)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -120,7 +131,7 @@ def _fashion_mnist(quick: bool, tmp: Path) -> tuple[dict, str]:
 
 
 def _subset(images, labels, n: int, seed: int):
-    from lightning_modules.bigan import SplitTensors
+    from datamodules.in_memory import SplitTensors
 
     idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n])
     return SplitTensors(torch.from_numpy(images[idx])[:, None].contiguous(), torch.from_numpy(labels[idx]))
@@ -131,11 +142,10 @@ def time_to_accuracy(data: dict, threshold: float, every: int, max_batches: int,
     """One MLP BiGAN fit on the whole training split until the 1-NN accuracy of ``n_eval`` test images against
     ``n_eval`` training images (fixed seeded subsets) reaches ``threshold``, or after ``max_batches``. The
     learning-rate schedule is the task's for an ``epochs``-epoch run (constant, then decaying from halfway)."""
-    from lightning_modules.bigan import BiGANModule, SplitTensors, _batch_sampler_loader
+    from datamodules.in_memory import SplitTensors, batch_sampler_loader
 
     torch.manual_seed(seed)
-    module = BiGANModule(None, 10, {"objective": "bigan", "hidden": hidden, "grids": False, "bn_batches": bn_batches},
-                         seed=seed)
+    module = bigan_module({"objective": "bigan", "hidden": hidden, "grids": False, "bn_batches": bn_batches}, seed=seed)
     (train_x, train_y), (test_x, test_y) = data["train"], data["t10k"]
     train = SplitTensors(torch.from_numpy(train_x)[:, None].contiguous(), torch.from_numpy(train_y))
     module.data = {"train": train, "gallery": _subset(train_x, train_y, n_eval, 1),
@@ -145,7 +155,7 @@ def time_to_accuracy(data: dict, threshold: float, every: int, max_batches: int,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         callbacks=[milestone])
-    trainer.fit(module, train_dataloaders=_batch_sampler_loader(train, batch, shuffle=True, seed=seed, drop_last=True))
+    trainer.fit(module, train_dataloaders=batch_sampler_loader(train, batch, shuffle=True, seed=seed, drop_last=True))
     return milestone
 
 

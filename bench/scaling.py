@@ -81,15 +81,16 @@ def _bigan_fit(batch: int, steps: int, hidden: list[int]) -> float:
     """Seconds of one ``Trainer.fit`` of the MLP BiGAN for ``steps`` steps of ``batch`` (start-up included)."""
     import lightning as L
 
-    from lightning_modules.bigan import BiGANModule, SplitTensors, _batch_sampler_loader
+    from bench.bigan import bigan_module
+    from datamodules.in_memory import SplitTensors, batch_sampler_loader
 
     torch.manual_seed(0)
-    module = BiGANModule(None, 10, {"objective": "bigan", "hidden": hidden, "grids": False})
+    module = bigan_module({"objective": "bigan", "hidden": hidden, "grids": False})
     n = steps * batch
     gen = torch.Generator().manual_seed(0)
     split = SplitTensors(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen),
                          torch.zeros(n, dtype=torch.long))
-    loader = _batch_sampler_loader(split, batch, shuffle=True, seed=0, drop_last=True)
+    loader = batch_sampler_loader(split, batch, shuffle=True, seed=0, drop_last=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0)

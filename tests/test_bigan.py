@@ -13,17 +13,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import transferrable.runner as runner
-from lightning_modules.bigan import (
-    OBJECTIVES,
-    BiGANModule,
-    HalfwayExponentialDecay,
-    NonFiniteLossError,
-    SplitTensors,
-    _batch_sampler_loader,
-)
+from datamodules.in_memory import SplitTensors, batch_sampler_loader
+from lightning_modules.bigan import BiGANModule, NonFiniteLossError
 from models.bigan import (
     BiGANAlexNet,
     DCGANDiscriminator,
@@ -33,6 +30,7 @@ from models.bigan import (
     fold_batchnorm,
     latent_target,
 )
+from models.bigan_training import OBJECTIVES, HalfwayExponentialDecay
 from transferrable.errors import find_user_error
 from transferrable.unsupervised_eval import cluster_nmi, cluster_purity, knn1_accuracy, knn1_predict
 
@@ -42,8 +40,12 @@ SETTINGS = {"hidden": [16, 16], "latent_dim": 4, "grids": False}
 
 
 def _module(**overrides) -> BiGANModule:
+    """The module as conf/task/bigan.yaml builds it (``model:``), with SETTINGS and ``overrides`` in ``bigan:``."""
     torch.manual_seed(0)
-    return BiGANModule(None, 10, {**SETTINGS, **overrides})
+    task = OmegaConf.load(ROOT / "conf" / "task" / "bigan.yaml")
+    task.bigan = OmegaConf.merge(task.bigan, {**SETTINGS, **overrides})
+    task.seed = 0
+    return instantiate(task.model, backbone=None, num_classes=10)
 
 
 # -- the joint discriminator -------------------------------------------------------------------------
@@ -351,7 +353,7 @@ def test_bench_entry_quick():
 
 def test_in_memory_loader_indexes_whole_batches():
     split = SplitTensors(torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1), torch.arange(10))
-    batches = list(_batch_sampler_loader(split, 4, shuffle=True, seed=0, drop_last=True))
+    batches = list(batch_sampler_loader(split, 4, shuffle=True, seed=0, drop_last=True))
     assert [len(b[0]) for b in batches] == [4, 4]
     assert all(torch.equal(b[0].flatten().long(), b[1]) for b in batches)  # images and labels stay paired
 

@@ -10,23 +10,27 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import compose_train, point_paths_at
+from conftest import ROOT, compose_train, point_paths_at
+from omegaconf import OmegaConf
 
-from lightning_modules.lrcn import (
-    LRCNActivityModule,
-    load_video_scores,
-    per_class_accuracy,
-    save_video_scores,
-)
+from lightning_modules.lrcn import LRCNActivityModule
 from models.backbones import CaffeNetMini
 from models.lrcn import LRCN, clip_starts
 from transferrable.lrcn_report import fuse, fusion_line
+from transferrable.lrcn_scores import load_video_scores, per_class_accuracy, save_video_scores
 from transferrable.report import write_report
 from transferrable.runner import train
 
 
 def _tiny_backbone(**kw) -> CaffeNetMini:
     return CaffeNetMini(input_size=16, widths=[8, 16, 16, 16, 16], fc_dim=32, pool5_size=2, **kw)
+
+
+def _module(num_classes: int, **lrcn) -> LRCNActivityModule:
+    """The module with conf/task/lrcn_activity.yaml's ``lrcn:`` node (``lrcn`` overrides it), 16-frame clips every 8."""
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "task" / "lrcn_activity.yaml").lrcn, lrcn)
+    return LRCNActivityModule(_tiny_backbone(), num_classes, cfg, clip_length=16, test_stride=8,
+                              optimizer=functools.partial(torch.optim.AdamW))
 
 
 def test_clip_starts():
@@ -53,14 +57,12 @@ def test_lrcn_shapes_and_single_frame_baseline():
 
 def test_video_score_is_clip_then_video_average():
     torch.manual_seed(0)
-    module = LRCNActivityModule(_tiny_backbone(), 3, functools.partial(torch.optim.AdamW), sequence_model="none",
-                                clip_length=16, test_stride=8, channels_last=False).eval()
+    module = _module(3, sequence_model="none", channels_last=False).eval()
     video = torch.randn(24, 3, 16, 16)
     probs = module.net.classifier(module.net.frame_features(video)).softmax(-1)  # per frame
     expected = (probs[0:16].mean(0) + probs[8:24].mean(0)) / 2
     assert torch.allclose(module.video_scores(video), expected, atol=1e-5)
-    lrcn = LRCNActivityModule(_tiny_backbone(), 3, functools.partial(torch.optim.AdamW), hidden_rgb=8,
-                              channels_last=False).eval()
+    lrcn = _module(3, hidden_rgb=8, channels_last=False).eval()
     feats = lrcn.net.frame_features(video)
     clip_probs = [lrcn.net.sequence_scores(feats[s:s + 16][None])[0].softmax(-1).mean(0) for s in (0, 8)]
     assert torch.allclose(lrcn.video_scores(video), sum(clip_probs) / 2, atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datamodules.video_tuples import SLOTS, VideoTuplesDataModule, generate, tuple_features
-from lightning_modules.lrcn_video_description import TupleEncoder
+from models.video_description import TupleEncoder
 
 PARAMS = {"version": 1, "n_train": 60, "n_val": 10, "n_test": 40, "seed": 3, "signal": 2.5, "confusion": 0.8,
           "references": 5}

@@ -9,8 +9,8 @@ over, as the thesis averages its three splits) and prints:
 - Table 4.2: per-class accuracy delta LRCN - single frame (for each modality present);
 - Table 4.3: per-class accuracy delta LRCN flow - LRCN RGB.
 
-``eval.py fuse=[<rgb run dir | video_scores.npz>, <flow run dir | npz>]`` fuses any two score files (e.g. the ones
-``eval.py ckpt_path=<checkpoint>`` writes next to a checkpoint).
+``eval.py fuse=[<rgb run dir | video_scores.npz>, <flow run dir | npz>]`` fuses any two score files (written by
+``engine/lrcn_activity.py`` after each run's test).
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from transferrable.errors import ConfigError
+from transferrable.lrcn_scores import SCORES_FILE, load_video_scores, per_class_accuracy
 from transferrable.report_core import render_table, sweep_table
 
-SCORES_FILE = "video_scores.npz"
+CONFUSION_FILE = "confusion.png"
 FUSION_WEIGHTS = ((0.5, 0.5), (1 / 3, 2 / 3))
 ROW_LABELS = {"none": "Single frame", "lstm": "LRCN-fc6"}
 PAIR_KEYS = ("lrcn.sequence_model", "lrcn.modality")
 
 
 def _load(path: str | Path) -> dict:
-    # imported here for start-up speed (Lightning, torch)
-    from lightning_modules.lrcn import load_video_scores
-
     p = Path(path)
     if p.is_dir():
         p = p / SCORES_FILE
@@ -61,9 +59,6 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def per_class(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    # imported here for start-up speed (Lightning, torch)
-    from lightning_modules.lrcn import per_class_accuracy
-
     return per_class_accuracy(labels, scores.argmax(1), k) * 100
 
 
@@ -165,7 +160,44 @@ def activity_tables(runs: list[dict]) -> str:
     d = _per_class_delta(groups, ("lstm", "flow"), ("lstm", "rgb"))
     if d is not None:
         out.append(delta_table("Table 4.3: per-class accuracy Δ, LRCN flow - LRCN RGB", *d))
-    confusions = [str(Path(r["dir"]) / "confusion.png") for r in runs if (Path(r["dir"]) / "confusion.png").is_file()]
+    confusions = [str(Path(r["dir"]) / CONFUSION_FILE) for r in runs if (Path(r["dir"]) / CONFUSION_FILE).is_file()]
     if confusions:
         out.append("Confusion matrices: " + ", ".join(confusions) + "\n")
     return "\n".join(out)
+
+
+def plot_confusion(path: Path, labels: np.ndarray, pred: np.ndarray, classes: list[str], title: str) -> None:
+    """Row-normalised confusion matrix of one run's test videos as a PNG (written atomically)."""
+    import io
+
+    # imported here for start-up speed (matplotlib is needed only when a run draws its figure)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transferrable.atomic import atomic_write_bytes
+
+    k = len(classes)
+    cm = np.zeros((k, k))
+    np.add.at(cm, (labels, pred), 1)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    side = max(4.0, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(k), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}: accuracy {(labels == pred).mean() * 100:.1f}%")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j] >= 0.005:
+                    ax.text(j, i, f"{cm[i, j] * 100:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if cm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

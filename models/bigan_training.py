@@ -1,0 +1,147 @@
+"""What a BiGAN run trains (thesis ch. 5): the objectives, the ``bigan:`` settings, and the optimisers' parts.
+
+``bigan.objective`` picks the losses; the architecture is the same for all (Table 5.1):
+
+    objective                D        G gets                          E gets                           features
+    bigan                    D(x, z)  inverse joint loss (with E)     inverse joint loss (with G)      E
+    gan_discriminator        D(x)     inverse GAN loss                -                                D (last hidden)
+    latent_regressor         D(x)     inverse GAN loss                LR(z, E(G(z))), G(z) detached    E
+    joint_latent_regressor   D(x)     GAN + 0.25 LR                   0.25 LR (through G as well)      E
+    autoencoder_l2 / _l1     -        |G(E(x)) - x|^2 or |.|          the same                         E
+
+Optimisation (``model.optimizer`` / ``model.scheduler`` in ``conf/task/bigan.yaml``, from ``bigan.lr``, ``betas``,
+``weight_decay``, ``final_lr``, ``decay_start``): three Adam optimisers (D, G, E), L2 weight decay on
+multiplicative weights only (:func:`decay_param_groups`), the learning rate constant for the first part of
+training then decayed exponentially to ``final_lr`` per step (:func:`halfway_exponential_decay`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from transferrable.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Objective:
+    joint: bool = False  # D(x, z): the BiGAN discriminator
+    discriminator: bool = False  # plain GAN D(x)
+    regression_weight: float = 0.0  # latent regressor loss weight
+    regression_into_generator: bool = False  # joint LR: the LR loss also trains G
+    reconstruction: str | None = None  # autoencoders: l1 | l2
+    trains: frozenset[str] = frozenset()
+    features: str = "encoder"
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "bigan": Objective(joint=True, trains=frozenset("DGE")),
+    "gan_discriminator": Objective(discriminator=True, trains=frozenset("DG"), features="discriminator"),
+    "latent_regressor": Objective(discriminator=True, regression_weight=1.0, trains=frozenset("DGE")),
+    "joint_latent_regressor": Objective(discriminator=True, regression_weight=0.25, regression_into_generator=True,
+                                        trains=frozenset("DGE")),
+    "autoencoder_l2": Objective(reconstruction="l2", trains=frozenset("GE")),
+    "autoencoder_l1": Objective(reconstruction="l1", trains=frozenset("GE")),
+}
+
+# ``bigan.*`` keys that the optimiser and scheduler configs read (``model.optimizer`` / ``model.scheduler``)
+OPTIMISATION_KEYS = ("lr", "final_lr", "decay_start", "betas", "weight_decay")
+
+
+@dataclass
+class BiGANSettings:
+    """The ``bigan:`` config node; its defaults and what each knob means are in ``conf/task/bigan.yaml``."""
+
+    arch: str
+    objective: str
+    update: str
+    latent: str
+    latent_dim: int
+    categories: int
+    alpha: float
+    straight_through: bool
+    image_size: int
+    channels: int
+    pixel_range: str
+    hidden: list[int]
+    gan_width: int
+    leak: float
+    jlr_weight: float
+    features: str
+    knn_metric: str
+    bn_batches: int
+    raw_knn: bool
+    linear_probe: bool
+    probe_C: float
+    probe_max_train: int | None
+    grids: bool
+    grid_upscale: int
+    in_memory: bool
+
+    def __post_init__(self):
+        def check(name: str, choices):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ConfigError(f"bigan.{name}={value!r}: expected one of {sorted(choices, key=str)}")
+
+        check("arch", {"mlp", "conv"})
+        check("objective", set(OBJECTIVES))
+        check("update", {"simultaneous", "alternating"})
+        check("latent", {"continuous", "discrete"})
+        check("pixel_range", {"auto", "unit", "symmetric"})
+        check("features", {"auto", "encoder", "encoder_hidden", "discriminator"})
+        check("knn_metric", {"euclidean", "cosine"})
+        check("channels", {1, 3})
+        if self.pixel_range == "auto":  # the original code: MNIST in [0, 1] (sigmoid G), ImageNet in [-1, 1]
+            self.pixel_range = "unit" if self.arch == "mlp" else "symmetric"
+        self.hidden = [int(h) for h in self.hidden]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BiGANSettings:
+        """The settings from the ``bigan:`` node (the optimisation keys are the optimiser configs' business)."""
+        d = {k: v for k, v in dict(d).items() if k not in OPTIMISATION_KEYS}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
+        if unknown:
+            raise ConfigError(f"unknown bigan.* setting(s) {unknown}; known: {sorted(known | set(OPTIMISATION_KEYS))}")
+        if missing:
+            raise ConfigError(f"missing bigan.* setting(s) {missing} (conf/task/bigan.yaml sets every one)")
+        return cls(**d)
+
+
+def decay_param_groups(module: nn.Module) -> list[dict]:
+    """Adam parameter groups: multiplicative weights (matrices, kernels) with the optimiser's weight decay, biases
+    and BN parameters without."""
+    decay, plain = [], []
+    for p in module.parameters():
+        (decay if p.ndim > 1 else plain).append(p)
+    groups: list[dict] = [{"params": decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups
+
+
+class HalfwayExponentialDecay:
+    """LambdaLR factor: 1 until ``decay_start * total`` steps, then exponential down to ``final_ratio`` at
+    ``total`` (the thesis: 2e-4 decayed to 2e-6 from halfway). A plain object, so the scheduler's state
+    dict (and a resumed run) carries it."""
+
+    def __init__(self, total_steps: int, final_ratio: float, decay_start: float = 0.5):
+        self.total_steps, self.final_ratio, self.decay_start = int(max(total_steps, 1)), float(final_ratio), float(decay_start)
+
+    def __call__(self, step: int) -> float:
+        start = self.decay_start * self.total_steps
+        if step < start:
+            return 1.0
+        span = max(self.total_steps - start, 1.0)
+        return float(self.final_ratio ** min((step - start) / span, 1.0))
+
+
+def halfway_exponential_decay(optimizer: torch.optim.Optimizer, total_steps: int, final_lr: float,
+                              decay_start: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule of one optimiser: its learning rate down to ``final_lr`` over ``total_steps``."""
+    ratio = float(final_lr) / float(optimizer.defaults["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, HalfwayExponentialDecay(total_steps, ratio, decay_start))
