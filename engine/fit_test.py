@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 
 
@@ -32,8 +30,3 @@ def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
         if ckpt:
             metrics["test_checkpoint"] = ckpt  # type: ignore[assignment]
     return metrics
-
-
-def run_task_method(cfg: DictConfig, trainer, datamodule, model) -> dict:
-    """Transitional: a task whose LightningModule still defines ``run_task`` (being moved into ``engine/``)."""
-    return dict(model.run_task(trainer, datamodule, output_dir=Path(cfg.paths.output_dir)))

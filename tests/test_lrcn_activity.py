@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, compose_train, point_paths_at
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lightning_modules.lrcn import LRCNActivityModule
 from models.backbones import CaffeNetMini
@@ -158,3 +158,21 @@ def test_confusion_png_goes_to_an_offline_wandb_run(tmp_path, fmnist_dir, monkey
     assert len(runs) == 1
     logged = list((runs[0] / "files" / "media" / "images" / "lrcn").glob("confusion_*.png"))
     assert len(logged) == 1 and logged[0].read_bytes() == png.read_bytes()
+
+
+def test_eval_of_a_checkpoint_writes_the_video_scores_beside_it(tmp_path, fmnist_dir):
+    """``eval.py ckpt_path=<LRCN checkpoint>``: the task's ``test_outputs`` write the per-video scores and the
+    confusion matrix next to the checkpoint, as the run itself did in its directory (fusion reads either)."""
+    from transferrable.runner import evaluate_checkpoint
+
+    cfg = _tiny_cfg(tmp_path, fmnist_dir, "lstm", "trainer.max_epochs=1", "dataset.clips_per_group=1",
+                    "dataset.num_frames=16", "++trainer.enable_checkpointing=true")
+    with open_dict(cfg):
+        cfg.callbacks.model_checkpoint = {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                          "dirpath": str(tmp_path / "ckpt"), "save_last": True}
+    metrics = train(cfg)
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    again = evaluate_checkpoint(OmegaConf.create({"ckpt_path": str(ckpt)}))
+    assert again["test/acc"] == pytest.approx(metrics["test/acc"])
+    saved = load_video_scores(tmp_path / "ckpt" / "video_scores.npz")
+    assert saved["classes"] == ["MoveLeft", "MoveRight"] and (tmp_path / "ckpt" / "confusion.png").is_file()

@@ -1,4 +1,4 @@
-"""Send a ``run_task`` method's final numbers and figures to every attached logger (W&B also gets the PNGs)."""
+"""Send a pipeline's (``engine/``) final numbers and figures to every attached logger (W&B also gets the PNGs)."""
 
 from __future__ import annotations
 

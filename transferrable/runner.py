@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
 
     model = build_model(cfg, datamodule.num_classes)
-    pipeline = build_pipeline(cfg, model)
+    pipeline = build_pipeline(cfg)
     loggers = instantiate_list(cfg.get("logger"))
     try:
         trainer = build_trainer(cfg, loggers)
@@ -115,14 +115,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         close_loggers(loggers, status)
 
 
-def build_pipeline(cfg: DictConfig, model):
+def build_pipeline(cfg: DictConfig):
     """The task's pipeline: ``cfg.pipeline``, a ``_partial_`` ``engine.<method>.run`` (default: fit, then test)."""
     from hydra.utils import instantiate
 
     from engine import fit_test
 
-    if hasattr(model, "run_task"):  # transitional: a LightningModule whose pipeline is not yet in engine/
-        return fit_test.run_task_method
     return instantiate(cfg.pipeline) if cfg.get("pipeline") else fit_test.run
 
 
@@ -196,6 +194,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     split = cfg.get("split", "test")
     runner = trainer.test if split == "test" else trainer.validate
     results = runner(model, datamodule=datamodule, ckpt_path=str(ckpt_path), weights_only=True)
+    if split == "test" and run_cfg.get("test_outputs"):  # a task's files of a test (e.g. LRCN's video scores)
+        from hydra.utils import instantiate
+
+        instantiate(run_cfg.test_outputs)(trainer=trainer, datamodule=datamodule, model=model,
+                                          output_dir=ckpt_path.parent)
     metrics = plain_metrics(results[0] if results else {})
     out = ckpt_path.with_name(ckpt_path.stem + f".{split}_metrics.json")
     atomic_write_json(out, {"checkpoint": str(ckpt_path), "split": split, **metrics})
