@@ -10,10 +10,11 @@
    when ``feature_mode=roi_pool``) fine-tunes the Fast R-CNN way instead: ``roi_images`` whole images per
    minibatch, their regions RoI-pooled from each image's conv5 map. With ``backbone.freeze=all`` only the head
    trains (needed by softmax scoring; skipped for SVM-only runs) -- the "no fine-tuning" rows. The fine-tuned
-   network is cached under ``${paths.cache_dir}/rcnn_finetune``;
+   network is cached under ``${paths.cache_dir}/rcnn_finetune`` (an ``ArtifactCache`` file entry);
 3. pool5 of every region (train: GT boxes + proposals; test: proposals) written once to a memory-mapped
-   file under ``${paths.cache_dir}/rcnn_features`` keyed by the weights' hash, the feature mode, geometry,
-   proposals and image ids (:func:`pool5_features`); fc6/fc7 are computed from it (as the original did);
+   file under ``${paths.cache_dir}/rcnn_features`` (an ``ArtifactCache`` memmap entry that resumes after a kill)
+   keyed by the weights' hash, the feature mode, geometry, proposals and image ids (:func:`pool5_features`);
+   fc6/fc7 are computed from it (as the original did);
 4. per-class linear SVMs with hard negative mining for each layer in ``layers`` (``models.rcnn.svm``),
    and/or softmax scoring by the fine-tuned head (``scoring``);
 5. class-specific ridge box regression on pool5 (``models.rcnn.bbox_regression``) -> an extra "+BB" row;
@@ -37,7 +38,7 @@ import hashlib
 import json
 import logging
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -57,10 +58,10 @@ from models.rcnn.proposals import ProposalCache
 from models.rcnn.regions import assign_labels, class_max_iou, fold_conv1_colour
 from models.rcnn.svm import HardNegativeMiner, norm_scale
 from models.rcnn.windows import ImageSet, WindowBatches, window_batches
-from transferrable.atomic import atomic_torch_save, atomic_write_json
-from transferrable.feature_cache import FeatureCache, key_hash
+from transferrable.artifact_cache import ArtifactCache, digest
+from transferrable.atomic import atomic_write_json
+from transferrable.feature_cache import FeatureCache
 from transferrable.log_results import log_results
-from transferrable.manifest import CacheWarning, check_sidecar, sidecar, warn_rebuild, write_sidecar
 from transferrable.precision import inference_bf16
 from transferrable.rcnn_report import ap_table, draw_detections, fp_breakdown_figure, pool5_units_figure
 from transferrable.report_core import render_table
@@ -69,7 +70,7 @@ from transferrable.voc_eval import box_iou, evaluate_detections
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # pool5 memmaps (rcnn_features/)
-FINETUNE_CACHE_VERSION = 1  # fine-tuned networks (rcnn_finetune/)
+FINETUNE_CACHE_VERSION = 1  # fine-tuned networks (rcnn_finetune/): in the key and the manifests
 SVM_STATS = ("positives", "cache", "peak_cache", "retrains")
 
 
@@ -126,7 +127,7 @@ def feature_key(model: RCNNModule, data: ImageSet, weights: str, proposals: str)
     return {"version": CACHE_VERSION, "weights": weights, "mode": rc["feature_mode"],
             "roi_scale": rc["roi_scale"] if rc["feature_mode"] == "roi_pool" else None,
             "size": model.size, "pad": model.pad, "proposals": proposals, "split": data.name,
-            "ids": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(), "regions": data.num_regions,
+            "ids": digest("\n".join(data.ids)), "regions": data.num_regions,
             "dtype": rc["feature_dtype"], "bf16": model.use_bf16}
 
 
@@ -160,7 +161,7 @@ def prepare(cfg: DictConfig, trainer, datamodule, model: RCNNModule) -> RCNNRun:
     datamodule.setup("fit")
     cache_dir = cfg.paths.get("cache_dir")
     cache_root = Path(cache_dir) if (rc["cache"] and cache_dir) else None
-    root_tag = hashlib.sha256(str(getattr(datamodule, "root", "")).encode()).hexdigest()[:10]
+    root_tag = digest(str(getattr(datamodule, "root", "")), 10)
     pc = ProposalCache(None if cache_root is None else cache_root / "proposals" / root_tag, **rc["proposals"])
     names = list(getattr(datamodule, "class_names", None) or [str(i) for i in range(model.num_classes)])
     return RCNNRun(model, trainer, datamodule, output_dir, cache_root, cfg.get("seed"), pc, datamodule.mean,
@@ -303,38 +304,26 @@ def finetune(trainer, model: RCNNModule, data: ImageSet, mean, std, seed, cache_
     if ft["iterations"] <= 0 or trainer.max_epochs == 0:
         return {**info, "skipped": True}
     key = finetune_key(trainer, model, data, mean, std, seed)
-    name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = None if cache_dir is None else cache_dir / f"{name}.pt"
-    reused = _load_finetuned(model, path, key)
-    if reused is not None:
-        return {**info, **reused}
+    cache = None if cache_dir is None else ArtifactCache(cache_dir, version=FINETUNE_CACHE_VERSION,
+                                                         what="fine-tuned R-CNN network")
+    path = None if cache is None else cache.path_for(key, name=f"{digest(key, 16)}.pt")  # its name of before
+    if cache is not None:  # absent, or killed before its manifest: a silent miss; damaged: a CacheWarning
+        saved, _ = cache.read(path, key, lambda p, m: torch.load(p, map_location="cpu", weights_only=True))
+        if saved is not None:
+            model.load_state_dict(saved["state_dict"])
+            model.stats["finetune"] = "reused"
+            log.info("rcnn: reusing the fine-tuned network %s", path)
+            return {**info, **json.loads(saved["info_json"]), "cache": "hit", "cache_path": str(path)}
     model.stats["finetune"] = "trained"
     t0 = time.perf_counter()
     trainer.fit(model, train_dataloaders=DataLoader(windows, batch_size=None, shuffle=True))
     info["seconds"] = time.perf_counter() - t0
     info["loss"] = float(trainer.callback_metrics.get("finetune/loss_epoch", float("nan")))
-    if path is not None:
-        sidecar(path).unlink(missing_ok=True)
-        atomic_torch_save(path, {"state_dict": model.state_dict(), "info_json": json.dumps(info, default=float)})
-        write_sidecar(path, key)
+    if cache is not None:
+        with cache.writer(path, key) as w:
+            torch.save({"state_dict": model.state_dict(), "info_json": json.dumps(info, default=float)}, w.path)
         info["cache_path"] = str(path)
     return info
-
-
-def _load_finetuned(model: RCNNModule, path: Path | None, key: dict) -> dict | None:
-    """The cached network's fine-tuning info once its weights are loaded into ``model``; None if there is none."""
-    if path is None or not path.is_file():
-        return None
-    why = check_sidecar(path, key)
-    if why is None:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        model.stats["finetune"] = "reused"
-        log.info("rcnn: reusing the fine-tuned network %s", path)
-        return {**json.loads(saved["info_json"]), "cache": "hit", "cache_path": str(path)}
-    if why != "it has no manifest":  # no manifest: killed while saving, simply fine-tune again
-        warn_rebuild("fine-tuned R-CNN network", path, why)
-    return None
 
 
 @torch.inference_mode()
@@ -394,14 +383,14 @@ def pool5_features(model: RCNNModule, data: ImageSet, mean, std, cache_dir: Path
                    proposals: str) -> np.ndarray:
     """pool5 of every region of ``data`` as a (read-only) np.memmap, computed once per key (:func:`feature_key`).
 
-    Files under ``cache_dir``: ``pool5-<split>-<hash>.dat`` (rows, ``feature_dtype``) and its manifest ``.json``
-    (version, key, key hash, shape, dtype, bytes; written last). A manifest that does not parse, names another
-    key or shape, or a ``.dat`` of another size (truncated) is reported with a ``CacheWarning`` and rebuilt.
-    While it is being built the rows go to ``.pool5-<split>-<hash>.partial`` with a progress file saying how
-    many images are on disk (flushed before it is written): a run killed mid-extraction resumes from there.
+    An ``ArtifactCache`` memmap entry under ``cache_dir``: ``pool5-<split>-<hash16>.dat`` (rows, ``feature_dtype``)
+    and its manifest ``.json`` (version, key, key hash, shape, dtype, bytes; written last). A manifest that does not
+    parse, names another key or shape, or a ``.dat`` of another size (truncated) is reported with a
+    ``CacheWarning`` and rebuilt. While it is being built the rows go to ``.pool5-<split>-<hash16>.partial`` with a
+    progress file saying how many images are on disk (flushed before it is written): a run killed mid-extraction
+    resumes from there.
     """
     key = feature_key(model, data, weights, proposals)
-    h = key_hash(key)
     dtype = np.dtype(model.cfg["feature_dtype"])
     shape = (data.num_regions, model.pool5_dim)
     model.stats[f"pool5_images_computed_{data.name}"] = 0
@@ -410,70 +399,30 @@ def pool5_features(model: RCNNModule, data: ImageSet, mean, std, cache_dir: Path
         model.stats[f"feature_cache_{data.name}"] = "miss"
         _extract_pool5(model, data, mean, std, arr, 0)
         return arr
-    stem = f"pool5-{data.name}-{h[:16]}"
-    path, manifest = cache_dir / f"{stem}.dat", cache_dir / f"{stem}.json"
-    if manifest.is_file():
-        why = _pool5_cache_problem(manifest, path, key, h, shape, dtype)
-        if why is None:
-            model.stats[f"feature_cache_{data.name}"] = "hit"
-            return np.memmap(path, dtype=dtype, mode="r", shape=shape)
-        warnings.warn(f"pool5 cache {manifest} is unusable: {why}; rebuilding it", CacheWarning, stacklevel=2)
-        log.warning("pool5 cache %s unusable (%s): recomputing", manifest, why)
-        manifest.unlink(missing_ok=True)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial_file, progress = cache_dir / f".{stem}.partial", cache_dir / f".{stem}.progress.json"
-    start = _resume_point(progress, partial_file, h, int(np.prod(shape)) * dtype.itemsize)
-    arr = np.memmap(partial_file, dtype=dtype, mode="r+" if start else "w+", shape=shape)
-    if start:
-        log.info("rcnn: pool5 of %s resumes at image %d of %d (%s)", data.name, start, len(data), partial_file)
-    model.stats[f"feature_cache_{data.name}"] = "miss" if not start else "resumed"
-    _extract_pool5(model, data, mean, std, arr, start, progress, h)
-    arr.flush()
-    del arr
-    partial_file.replace(path)
-    progress.unlink(missing_ok=True)
-    atomic_write_json(manifest, {"version": CACHE_VERSION, "key": key, "key_hash": h, "shape": list(shape),
-                                 "dtype": dtype.name, "bytes": path.stat().st_size})
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
-
-
-def _pool5_cache_problem(manifest: Path, path: Path, key: dict, h: str, shape: tuple, dtype: np.dtype) -> str | None:
-    """Why the cached memmap cannot be used (None: it can)."""
-    try:
-        m = json.loads(manifest.read_text())
-        if m.get("version") != CACHE_VERSION or m.get("key_hash") != h or m.get("key") != key:
-            return "it names another key or version"
-        if tuple(m["shape"]) != shape or m["dtype"] != dtype.name:
-            return f"shape/dtype {m['shape']}/{m['dtype']} != {list(shape)}/{dtype.name}"
-        if not path.is_file() or path.stat().st_size != m["bytes"]:
-            size = path.stat().st_size if path.is_file() else 0
-            return f"the .dat file has {size} bytes, the manifest says {m['bytes']} (truncated?)"
-    except (ValueError, KeyError, TypeError, OSError) as err:
-        return f"unreadable manifest ({type(err).__name__})"
-    return None
-
-
-def _resume_point(progress: Path, partial_file: Path, h: str, expected_bytes: int) -> int:
-    """Images already on disk in a partial memmap of this key (0: start afresh)."""
-    try:
-        done = json.loads(progress.read_text())
-        if done.get("key_hash") == h and partial_file.stat().st_size == expected_bytes:
-            return int(done["images"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return 0
+    cache = ArtifactCache(cache_dir, version=CACHE_VERSION, what="pool5 cache", checksum=False, record_key=True,
+                          manifest_name="{stem}.json")
+    path = cache.path_for(key, prefix=f"pool5-{data.name}-", suffix=".dat")
+    rows = cache.open_memmap(path, key, shape, dtype)
+    if rows is not None:
+        model.stats[f"feature_cache_{data.name}"] = "hit"
+        return rows
+    with cache.memmap_writer(path, key, shape, dtype) as w:
+        if w.start:
+            log.info("rcnn: pool5 of %s resumes at image %d of %d (%s)", data.name, w.start, len(data), w.partial)
+        model.stats[f"feature_cache_{data.name}"] = "resumed" if w.start else "miss"
+        _extract_pool5(model, data, mean, std, w.array, w.start, w.checkpoint)
+    return w.result
 
 
 def _extract_pool5(model: RCNNModule, data: ImageSet, mean, std, arr: np.ndarray, start: int,
-                   progress: Path | None = None, h: str = "") -> None:
+                   checkpoint: Callable[[int], None] | None = None) -> None:
     model.eval()
     every = max(1, len(data) // 20)  # progress points: a kill loses at most ~5% of the extraction
     for i in range(start, len(data)):
         arr[data.rows(i)] = model.image_pool5(data.images[i], data.boxes[i], mean, std)
         model.stats[f"pool5_images_computed_{data.name}"] += 1
-        if progress is not None and ((i + 1) % every == 0) and i + 1 < len(data):
-            arr.flush()  # the rows reach the file before the progress file says they are there
-            atomic_write_json(progress, {"key_hash": h, "images": i + 1})
+        if checkpoint is not None and ((i + 1) % every == 0) and i + 1 < len(data):
+            checkpoint(i + 1)  # the rows reach the file before the progress file says they are there
 
 
 # -- 4-5. SVMs, softmax, box regression ------------------------------------------------------------------------

@@ -32,7 +32,6 @@ Metrics: ``test/<features>/<layer>/mean_iou``, ``test/mean_iou`` of the variant 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from models.rcnn.seg_regions import paste_labels, region_quality
 from models.rcnn.segments import SegmentCache, SegmentProposals
 from models.rcnn.svm import norm_scale
 from models.rcnn.windows import ImageSet
+from transferrable.artifact_cache import digest
 from transferrable.atomic import atomic_write_json
 from transferrable.errors import ConfigError
 from transferrable.feature_cache import FeatureCache, state_sha256
@@ -98,7 +98,7 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule) -> 
     mean, std = datamodule.mean, datamodule.std
     cache_dir = cfg.paths.get("cache_dir")
     cache_root = Path(cache_dir) if (sc["cache"] and cache_dir) else None
-    root_tag = hashlib.sha256(str(getattr(datamodule, "root", "")).encode()).hexdigest()[:10]
+    root_tag = digest(str(getattr(datamodule, "root", "")), 10)
     model.stats.clear()
     timing: dict[str, float] = {}
     items = split_items(datamodule, sc, cfg.get("seed"))  # 1. regions
@@ -118,10 +118,10 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule) -> 
         info["finetune"] = finetune_for_detection(trainer, model, items["train"], mean, std, cache_root, root_tag,
                                                   cfg.get("seed"))
     model.eval()
-    digest = state_sha256(model.backbone)
+    weights = state_sha256(model.backbone)
     fcache = FeatureCache(cache_root / "features" if cache_root is not None else output_dir / ".features",
                           enabled=cache_root is not None)  # 3. features
-    feats = {k: split_features(model, d, mean, std, fcache, digest, seg_cache.tag, timing) for k, d in splits.items()}
+    feats = {k: split_features(model, d, mean, std, fcache, weights, seg_cache.tag, timing) for k, d in splits.items()}
     info["feature_cache"] = dict(model.stats)
     variants = fit_variants(model, feats, targets, splits, metrics)  # 4-6. regressors, thresholds, test
     bg = test_baselines(model.num_classes, splits["test"], targets["test"], metrics)
@@ -211,16 +211,16 @@ def finetune_for_detection(trainer, model: RCNNSegmentationModule, items: list[d
 
 
 # -- 3. features -----------------------------------------------------------------------------------------
-def split_features(model: RCNNSegmentationModule, data: SegSplit, mean, std, cache: FeatureCache, digest: str,
+def split_features(model: RCNNSegmentationModule, data: SegSplit, mean, std, cache: FeatureCache, weights: str,
                    segment_tag: str, timing: dict) -> dict[tuple[str, str], np.ndarray]:
     """Features of every region of ``data`` for the base kinds (full, fg) the variants need, float16,
     cached per (kind, layer)."""
     from tqdm import tqdm
 
     base = sorted({k for kind in model.kinds for k in kind.split("+")})
-    keys = {(k, layer): {"version": CACHE_VERSION, "weights": digest, "kind": k, "layer": layer,
+    keys = {(k, layer): {"version": CACHE_VERSION, "weights": weights, "kind": k, "layer": layer,
                          "segments": segment_tag, "size": model.size, "pad": model.pad,
-                         "ids": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
+                         "ids": digest("\n".join(data.ids)),
                          "regions": data.num_regions, "bf16": model.use_bf16}
             for k in base for layer in model.layers}
     out = {k: cache.load(f"rcnnseg-{data.name}-{k[0]}-{k[1]}", key) for k, key in keys.items()}
