@@ -2,8 +2,8 @@
 to its Fashion-MNIST test accuracy, against the 5-minute budget for any 2-core CPU, with the CPU capability and the
 precision the policy chose for it.
 
-One run of the real job (cold start included) is one sample; ``--repeats`` does not apply (each takes minutes).
-``--quick`` runs the same command on a tiny generated Fashion-MNIST-shaped directory, one epoch: it checks the
+One run of the real job (cold start included) is one sample; ``--param runs=N`` repeats it (default 1: each takes
+minutes); ``--quick`` takes ``--repeats`` samples. ``--quick`` runs the same command on a tiny generated Fashion-MNIST-shaped directory, one epoch: it checks the
 machinery, not the machine. ``--param epochs=N`` overrides the epochs (e.g. to time the old 10-epoch recipe).
 """
 
@@ -60,12 +60,14 @@ def main_job(ctx: Context) -> list[Figure]:
             (Path(tmp) / "fm").mkdir()
             data = fashion_mnist_fixture(Path(tmp) / "fm", n_train=600, n_test=200)
             extra = [f"dataset.data_dir={data}", "trainer.max_epochs=1"]
-        ctx.log(f"python train.py {' '.join(extra)} (one run; minutes at full size)")
-        seconds, metrics = run_main_job(extra, Path(tmp) / "run")
+        runs = ctx.repeats if ctx.quick else ctx.param("runs", 1)
+        ctx.log(f"python train.py {' '.join(extra)} x{runs} (minutes a run at full size)")
+        results = [run_main_job(extra, Path(tmp) / f"run{i}") for i in range(runs)]
+    seconds, metrics = [s for s, _ in results], results[-1][1]
     acc = float(metrics.get("test/acc", float("nan")))
     return [Figure(
         f"main job wall time (`python train.py`, {metrics.get('precision')})",
-        Stats([seconds]),
+        Stats(seconds),
         "s",
         reference=Stats([BUDGET_S]),
         reference_name="5-minute budget (documented)",

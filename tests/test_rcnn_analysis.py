@@ -125,7 +125,7 @@ def test_vgg16_headline_is_cpu_sized():
     cfg = compose_train(["task=rcnn", "backbone=vgg16"])
     assert cfg.backbone.input_size == 32 and cfg.backbone.pool5_size == 1 and cfg.backbone.fc_dim == 512
     assert cfg.source_overrides.trainer.max_epochs == 1 and cfg.source_overrides.dataset.max_train_samples == 10000
-    assert compose_train(["task=rcnn"]).backbone.input_size == 32 and not compose_train(["task=rcnn"]).source_overrides
+    assert compose_train(["task=rcnn"]).backbone.input_size == 28 and not compose_train(["task=rcnn"]).source_overrides
     assert compose_train(["task=classify", "backbone=vgg16"]).backbone.input_size == 64
     arch = compose_train(["experiment=rcnn_archs", "backbone=vgg16"]).backbone
     assert arch.input_size == 64 and arch.pool5_size == 2  # the experiment still wins

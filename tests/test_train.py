@@ -179,7 +179,7 @@ def test_crafted_pickle_never_runs(make_cfg, tmp_path):
 def test_source_key_ignores_only_weights_freeze_and_norm_eval():
     base = compose_train([])
     key = source.source_key(base.backbone, "fashion_mnist")
-    assert key.startswith("caffenetmini-fashion_mnist-32px-")
+    assert key.startswith("caffenetmini-fashion_mnist-28px-")
     same = compose_train(["backbone.freeze=conv3", "backbone.weights=/x.pt", "backbone.norm_eval=false"])
     assert source.source_key(same.backbone, "fashion_mnist") == key
     for other in (["backbone.fc_dim=128"], ["backbone.input_size=64"], ["backbone.widths=[8,8,8,8,8]"]):
