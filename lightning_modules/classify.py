@@ -63,7 +63,9 @@ class ClassifyModule(L.LightningModule):
         loss = self.criterion(logits, y)
         preds = logits.argmax(1)
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: under DDP the epoch loss is the mean over every rank's batches (torchmetrics sync themselves)
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=True)
         for kind in ("acc", "mean_class_acc"):
             metric = self.metrics[f"{split}_{kind}"]
             metric(preds, y)

@@ -104,8 +104,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log.warning("metric %s is %s", key, value)
         metrics["precision"] = cfg.trainer.precision  # type: ignore[assignment]  # what the numbers were computed in
         output_dir = Path(cfg.paths.output_dir)
-        atomic_write_json(output_dir / METRICS_FILE, metrics)
-        _print_summary(cfg, trainer, metrics, output_dir)
+        if trainer.is_global_zero:  # under DDP every rank runs this; the (rank-reduced) results are written once
+            atomic_write_json(output_dir / METRICS_FILE, metrics)
+            _print_summary(cfg, trainer, metrics, output_dir)
         status = "success"
         return metrics
     except BaseException:

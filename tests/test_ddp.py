@@ -1,0 +1,33 @@
+"""Two DDP processes on CPU (``hardware=ddp_cpu``, gloo): the run's outputs are written once, by rank 0, after the
+metrics are reduced over both processes, so they equal what one process computes on the whole split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kill_switch import run_train
+from omegaconf import OmegaConf
+
+from transferrable.runner import evaluate_checkpoint
+
+DDP = ["hardware=ddp_cpu", "trainer.devices=2", "logger=csv", "trainer.precision=32-true", "dataset.batch_size=32",
+       "dataset.eval_batch_size=50", "trainer.max_epochs=4", "trainer.enable_model_summary=false",
+       "callbacks.progress_bar.refresh_rate=0", "backbone.widths=[8,16,16,16,16]", "backbone.fc_dim=32", "seed=0"]
+
+
+@pytest.mark.slow
+def test_two_processes_write_once_and_reduce_over_the_whole_split(fmnist_dir, tmp_path):
+    run_dir = tmp_path / "ddp"
+    done = run_train(DDP, run_dir, f"dataset.data_dir={fmnist_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory :") == 1  # one summary, not one per rank
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]  # one logger run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the checkpoint the DDP run tested, tested again by one process over the same 200 images: the same numbers,
+    # so the test loss was reduced over both ranks (each saw 100), not taken from whichever rank wrote last
+    one = evaluate_checkpoint(OmegaConf.create({"ckpt_path": metrics["test_checkpoint"],
+                                                "trainer": {"devices": 1, "strategy": "auto"}}))
+    print("2 processes vs 1:", {k: (metrics[k], one[k]) for k in ("test/acc", "test/loss")})
+    assert metrics["test/acc"] == pytest.approx(one["test/acc"], abs=1e-6)
+    assert metrics["test/loss"] == pytest.approx(one["test/loss"], abs=1e-5)
