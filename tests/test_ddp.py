@@ -31,3 +31,24 @@ def test_two_processes_write_once_and_reduce_over_the_whole_split(fmnist_dir, tm
     print("2 processes vs 1:", {k: (metrics[k], one[k]) for k in ("test/acc", "test/loss")})
     assert metrics["test/acc"] == pytest.approx(one["test/acc"], abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(one["test/loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_two_job_sweep_through_submitit_local(fmnist_dir, tmp_path):
+    """``hydra/launcher=submitit_local``, the launcher family of ``hardware=slurm``: both jobs run and write their
+    own metrics.json under the sweep directory."""
+    import subprocess
+    import sys
+
+    from kill_switch import ROOT
+
+    tiny = [x for x in DDP if not x.startswith(("hardware=", "trainer.devices=", "trainer.max_epochs=", "seed="))]
+    tiny.append("trainer.max_epochs=1")
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", f"dataset.data_dir={fmnist_dir}", "seed=0,1", *tiny]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = sorted(tmp_path.glob("sweep/*/metrics.json"))
+    assert [p.parent.name for p in found] == ["0", "1"], done.stdout[-2000:]
+    accs = [json.loads(p.read_text())["test/acc"] for p in found]
+    assert all(0.0 <= a <= 1.0 for a in accs)
