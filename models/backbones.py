@@ -34,6 +34,7 @@ from models.weights import (
     WeightsError,
     create_timm,
     hub_only,
+    hub_statistics,
     hub_unavailable,
     is_hub_spec,
     load_backbone_weights,
@@ -70,6 +71,12 @@ class TapBackbone(nn.Module):
     """
 
     arch: str = "backbone"
+
+    @classmethod
+    def hub_statistics(cls, cfg) -> tuple[list[float], list[float]] | None:
+        """The input mean/std of this architecture's hub weights for backbone config ``cfg`` (its ``weights`` a hub
+        spec); None where there are no hub weights."""
+        return None
 
     def __init__(self, input_size: int, freeze: str | None = "none", norm_eval: bool = True):
         super().__init__()
@@ -226,6 +233,10 @@ class TorchvisionAlexNet(TapBackbone):
 
     arch = "alexnet"
 
+    @classmethod
+    def hub_statistics(cls, cfg) -> tuple[list[float], list[float]] | None:
+        return hub_statistics("torchvision", "AlexNet_Weights", cfg["weights"])
+
     def __init__(
         self,
         input_size: int = 64,
@@ -272,6 +283,10 @@ class TorchvisionAlexNet(TapBackbone):
 class TimmVGG16(TapBackbone):
     arch = "vgg16"
 
+    @classmethod
+    def hub_statistics(cls, cfg) -> tuple[list[float], list[float]] | None:
+        return hub_statistics("timm", cfg.get("model_name", "vgg16"), cfg["weights"])
+
     def __init__(
         self,
         input_size: int = 64,
@@ -316,6 +331,10 @@ class TimmVGG16(TapBackbone):
 
 class TimmResNet(TapBackbone):
     arch = "resnet"
+
+    @classmethod
+    def hub_statistics(cls, cfg) -> tuple[list[float], list[float]] | None:
+        return hub_statistics("timm", cfg.get("model_name", "resnet18"), cfg["weights"])
 
     def __init__(
         self,

@@ -33,9 +33,48 @@ def instantiate_list(node: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in node.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def _command_line_keys() -> set[str]:
+    """The keys set on this run's command line (``dataset.mean=[...]`` -> ``dataset.mean``), if Hydra knows them."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - no Hydra run (a config built in code): nothing was set explicitly
+        return set()
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def apply_hub_normalisation(cfg: DictConfig) -> None:
+    """With ``backbone.weights=hub``/``hub:<tag>`` the inputs are normalised as the hub weights were trained
+    (ImageNet's mean/std for timm's and torchvision's), not with the dataset's (or a task's) statistics. A
+    ``dataset.mean``/``dataset.std`` given on the command line is kept."""
+    from hydra.utils import get_class
+
+    from models.weights import is_hub_spec
+
+    backbone, dataset = cfg.get("backbone"), cfg.get("dataset")
+    if not backbone or not dataset or not is_hub_spec(backbone.get("weights")) or "mean" not in dataset:
+        return
+    try:
+        stats = get_class(backbone._target_).hub_statistics(backbone)
+    except (AttributeError, ImportError):  # a backbone class without hub weights
+        return
+    if stats is None:
+        return
+    explicit = _command_line_keys()
+    with open_dict(cfg):
+        for key, value in zip(("mean", "std"), stats, strict=True):
+            if f"dataset.{key}" in explicit or list(dataset.get(key) or []) == value:
+                continue
+            log.info("backbone.weights=%s: dataset.%s %s -> %s (the hub weights' statistics)",
+                     backbone.weights, key, list(dataset.get(key) or []), value)
+            dataset[key] = value
+
+
 def build_datamodule(cfg: DictConfig):
     from hydra.utils import instantiate
 
+    apply_hub_normalisation(cfg)
     return instantiate(cfg.dataset)
 
 
