@@ -52,3 +52,18 @@ def test_a_two_job_sweep_through_submitit_local(fmnist_dir, tmp_path):
     assert [p.parent.name for p in found] == ["0", "1"], done.stdout[-2000:]
     accs = [json.loads(p.read_text())["test/acc"] for p in found]
     assert all(0.0 <= a <= 1.0 for a in accs)
+
+
+def test_a_multi_stage_pipeline_on_two_processes_is_refused_in_one_line(tmp_path, fmnist_dir):
+    """Until its stages are rank-aware, a multi-stage task under DDP stops before any work, naming the override."""
+    from conftest import compose_train, point_paths_at, tiny_overrides
+
+    from transferrable.errors import ConfigError
+    from transferrable.runner import train
+
+    overrides = [o for o in tiny_overrides(fmnist_dir) if not o.startswith("dataset.data_dir")]
+    cfg = point_paths_at(compose_train([*overrides, "task=decaf", "dataset=digits", "backbone.weights=null",
+                                        "hardware=ddp_cpu", "trainer.precision=32-true"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 .*runs on one process for now"):
+        train(cfg)
+    assert not (tmp_path / "metrics.json").exists()

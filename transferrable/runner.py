@@ -135,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_list(cfg.get("logger"))
     try:
         trainer = build_trainer(cfg, loggers)
+        check_processes(cfg, trainer)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         metrics = dict(pipeline(cfg=cfg, trainer=trainer, datamodule=datamodule, model=model))
@@ -153,6 +154,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     finally:  # a crashing job of a multirun must not leave its logger (W&B run) open for the next job
         close_loggers(loggers, status)
+
+
+def check_processes(cfg: DictConfig, trainer) -> None:
+    """Only the fit + test pipeline is DDP-correct so far: a multi-stage pipeline on N processes would run every
+    stage (and write every cache) on every rank. Refused in one line before any work (issue 19 tracks the rest)."""
+    from engine import fit_test
+
+    target = str((cfg.get("pipeline") or {}).get("_target_", "engine.fit_test.run"))
+    if trainer.world_size > 1 and target != f"{fit_test.__name__}.run":
+        raise ConfigError(
+            f"trainer.devices={cfg.trainer.get('devices')} (x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): "
+            f"the {cfg.get('task_name')} pipeline ({target}) runs on one process for now; only fit + test "
+            "(task=classify and single-fit tasks) runs under DDP. Use trainer.devices=1.")
 
 
 def build_pipeline(cfg: DictConfig):
