@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader
 from callbacks.tsne import draw_tsne, embed_panels, stratified_subsample
 from datamodules.base import ImageDataset
 from datamodules.image_pool import DirectTransform, Pool, build_pool, check_pool, protocol_split, subset_pool
+from engine.ranks import gather_rows, output_dir_of, union_in_order
 from lightning_modules.decaf import RANDOM_PREFIX, DecafModule
 from models.backbones import TapBackbone
 from models.linear_classifiers import ClassifierSpec, FeatureDropout, fit_cross_validated, mean_class_accuracy
@@ -250,7 +251,7 @@ class FeatureExtractor:
             if arr is not None and arr.shape[0] == len(pool):
                 out[name] = arr
                 self.stats["cache_hits"] += 1
-        missing = [n for n in names if n not in out]
+        missing = union_in_order(list(names), [n for n in names if n not in out], trainer.world_size)
         if not missing:
             return out
         self.stats["cache_misses"] += len(missing)
@@ -264,14 +265,17 @@ class FeatureExtractor:
         seconds = time.perf_counter() - t0
         self.stats["extract_seconds"] += seconds
         self.stats["extracted_images"] += len(pool)
+        local = {n: np.concatenate([b[n] for b in batches]).astype(np.float32) if batches else np.zeros((0, 0))
+                 for n in missing}
+        rows = gather_rows(local, trainer.world_size)  # under DDP: every rank's shard, back in pool order
         for name in missing:
-            arr = np.concatenate([b[name] for b in batches]).astype(np.float32) if batches else np.zeros((0, 0))
+            arr = rows[name]
             if arr.shape[0] != len(pool):
                 raise RuntimeError(
                     f"feature extraction of '{name}' returned {arr.shape[0]} rows for {len(pool)} images: "
                     "the trainer limits prediction batches (limit_predict_batches / fast_dev_run); unset it for task=decaf"
                 )
-            if self.cache.enabled:
+            if self.cache.enabled and trainer.is_global_zero:  # one writer; the other ranks hold the same rows
                 self.cache.save(_cache_name(keys[name]), keys[name], arr)
             out[name] = arr
         log.info("decaf: extracted %s for %d %s images in %.1fs (%.0f img/s)", missing, len(pool), pool.name,
@@ -432,8 +436,11 @@ def run(cfg: DictConfig, trainer, datamodule, model: DecafModule) -> dict:
     """Pool, extract (cached), fit the linear classifiers over the splits, then tables, plots and t-SNE."""
     p = Protocol.from_cfg(cfg.decaf, model)
     model.use_bf16 = inference_bf16(cfg.decaf.bf16, trainer.precision)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with output_dir_of(trainer, Path(cfg.paths.output_dir)) as output_dir:
+        return _run(p, cfg, trainer, datamodule, model, output_dir)
+
+
+def _run(p: Protocol, cfg: DictConfig, trainer, datamodule, model: DecafModule, output_dir: Path) -> dict:
     extractor = FeatureExtractor.from_cfg(cfg, model)
     pool = build_pool(datamodule, p.pool, p.max_images)
     check_pool(pool, max(p.shots), "decaf.shots" if len(p.shots) > 1 else "decaf.train_per_class")

@@ -54,6 +54,38 @@ def test_a_two_job_sweep_through_submitit_local(fmnist_dir, tmp_path):
     assert all(0.0 <= a <= 1.0 for a in accs)
 
 
+DECAF = ["task=decaf", "dataset=fashion_mnist", "logger=csv", "trainer.precision=32-true", "backbone.weights=null",
+         "backbone.widths=[8,16,16,16,16]", "backbone.fc_dim=32", "decaf.splits=2", "decaf.max_images=120",
+         "decaf.train_per_class=4", "decaf.C_grid=[0.1,10]", "decaf.dropout_copies=2", "decaf.tsne.enabled=false",
+         "decaf.features=[fc6,raw,random:fc6]", "decaf.classifiers=[logreg,svm_dropout]", "dataset.eval_batch_size=25",
+         "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false", "seed=0"]
+
+
+@pytest.mark.slow
+def test_decaf_features_sharded_over_two_processes_give_the_one_process_results(fmnist_dir, tmp_path):
+    """task=decaf on 2 processes: each rank predicts its unpadded shard, the rows are gathered back in pool order,
+    and every classifier result equals the 1-process run. Tolerance: raw pixels are identical; fc6 rows differ by
+    float rounding (~1e-6: oneDNN picks kernels by batch size), which changed no accuracy here."""
+    import numpy as np
+
+    runs = {}
+    for n in (1, 2):
+        extra = ["hardware=ddp_cpu", "trainer.devices=2"] if n == 2 else []
+        done = run_train(DECAF, tmp_path / f"p{n}", f"dataset.data_dir={fmnist_dir}",
+                         f"paths.cache_dir={tmp_path / f'cache{n}'}", *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("run directory :") == 1
+        runs[n] = json.loads((tmp_path / f"p{n}" / "metrics.json").read_text())
+    accs = [k for k, v in runs[1].items() if k.startswith("test/") and isinstance(v, float)]
+    assert len(accs) >= 6
+    for k in accs:
+        assert runs[2][k] == pytest.approx(runs[1][k], abs=1e-6), k
+    for name, tol in (("raw", 0.0), ("fc6", 1e-5)):
+        one, two = (np.load(next((tmp_path / f"cache{n}" / "features").glob(f"{name}-*.npy"))) for n in (1, 2))
+        assert one.shape == two.shape == (120, one.shape[1])
+        np.testing.assert_allclose(two, one, rtol=0, atol=tol)
+
+
 def test_a_multi_stage_pipeline_on_two_processes_is_refused_in_one_line(tmp_path, fmnist_dir):
     """Until its stages are rank-aware, a multi-stage task under DDP stops before any work, naming the override."""
     from conftest import compose_train, point_paths_at, tiny_overrides
@@ -62,7 +94,7 @@ def test_a_multi_stage_pipeline_on_two_processes_is_refused_in_one_line(tmp_path
     from transferrable.runner import train
 
     overrides = [o for o in tiny_overrides(fmnist_dir) if not o.startswith("dataset.data_dir")]
-    cfg = point_paths_at(compose_train([*overrides, "task=decaf", "dataset=digits", "backbone.weights=null",
+    cfg = point_paths_at(compose_train([*overrides, "task=decaf_domain", "backbone.weights=null",
                                         "hardware=ddp_cpu", "trainer.precision=32-true"]), tmp_path)
     with pytest.raises(ConfigError, match=r"trainer.devices=2 .*runs on one process for now"):
         train(cfg)

@@ -162,11 +162,11 @@ def check_processes(cfg: DictConfig, trainer) -> None:
     from engine import fit_test
 
     target = str((cfg.get("pipeline") or {}).get("_target_", "engine.fit_test.run"))
-    if trainer.world_size > 1 and target != f"{fit_test.__name__}.run":
+    if trainer.world_size > 1 and target not in (f"{fit_test.__name__}.run", "engine.decaf.run"):
         raise ConfigError(
             f"trainer.devices={cfg.trainer.get('devices')} (x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): "
             f"the {cfg.get('task_name')} pipeline ({target}) runs on one process for now; only fit + test "
-            "(task=classify and single-fit tasks) runs under DDP. Use trainer.devices=1.")
+            "(task=classify and single-fit tasks) and task=decaf run under DDP. Use trainer.devices=1.")
 
 
 def build_pipeline(cfg: DictConfig):

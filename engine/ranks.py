@@ -1,0 +1,72 @@
+"""What a pipeline needs to run on N DDP processes: rows gathered back into dataset order, decisions agreed by
+every rank (so that each rank makes the same trainer calls), and one writer per output.
+
+Lightning predicts with an unpadded sampler (``UnrepeatedDistributedSampler``): rank ``r`` of ``W`` gets rows
+``r, r + W, r + 2W, ...`` of a dataset in order, and no row twice, so the gathered rows are exactly one pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _gather(obj) -> list:
+    import torch.distributed as dist
+
+    if not _initialized():
+        raise RuntimeError("world_size > 1 but no torch.distributed process group is initialized")
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def gather_rows(local: dict[str, np.ndarray], world_size: int) -> dict[str, np.ndarray]:
+    """Every rank's predicted rows (``{name: rows of this rank}``) back in dataset order, on every rank."""
+    if world_size <= 1:
+        return local
+    parts = _gather(local)
+    out = {}
+    for name in local:
+        first = parts[0][name]
+        rows = np.empty((sum(len(p[name]) for p in parts), *first.shape[1:]), first.dtype)
+        for rank, part in enumerate(parts):
+            rows[rank::world_size] = part[name]
+        out[name] = rows
+    return out
+
+
+def union_in_order(names: list[str], wanted: list[str], world_size: int) -> list[str]:
+    """The names any rank still needs, in ``names``' order (a cache hit on one rank only must not make the ranks
+    disagree about running a ``trainer.predict``). Before the first trainer call there is no process group yet (the
+    launcher starts the other ranks then), and no rank has written anything: the ranks agree already."""
+    if world_size <= 1 or not _initialized():
+        return wanted
+    needed = set().union(*_gather(list(wanted)))
+    return [n for n in names if n in needed]
+
+
+@contextlib.contextmanager
+def output_dir_of(trainer, output_dir: Path) -> Iterator[Path]:
+    """The run's output directory on rank 0; a scratch directory, removed afterwards, on the others (every rank
+    computes the same tables and figures, only rank 0 keeps them)."""
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        yield output_dir
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=f"rank{trainer.global_rank}-"))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
