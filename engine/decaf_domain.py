@@ -41,6 +41,7 @@ from omegaconf import DictConfig
 
 from datamodules.image_pool import Pool, build_pool, per_class_draw
 from engine.decaf import FeatureExtractor, Protocol, extraction_metrics, limit_threads, plain, tsne_stage
+from engine.ranks import output_dir_of
 from lightning_modules.decaf import DecafModule
 from models.linear_classifiers import (
     ClassifierSpec,
@@ -237,8 +238,12 @@ def run(cfg: DictConfig, trainer, datamodule, model: DecafModule) -> dict:
     p = Protocol.from_cfg(cfg.decaf, model, check_main=False)
     dom = DomainProtocol.from_cfg(cfg.decaf_domain, p)
     model.use_bf16 = inference_bf16(cfg.decaf.bf16, trainer.precision)  # null: the run's precision, as task=decaf
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with output_dir_of(trainer, Path(cfg.paths.output_dir)) as output_dir:  # under DDP, rank 0 keeps the outputs
+        return _run(p, dom, cfg, trainer, datamodule, model, output_dir)
+
+
+def _run(p: Protocol, dom: DomainProtocol, cfg: DictConfig, trainer, datamodule, model: DecafModule,
+         output_dir: Path) -> dict:
     extractor = FeatureExtractor.from_cfg(cfg, model)
     source, target, pairs = domain_pools(datamodule, dom, p.max_images)
     feats = {id(pool): extractor.extract(trainer, pool, p.features, datamodule.eval_batch_size, datamodule.num_workers)

@@ -156,17 +156,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         close_loggers(loggers, status)
 
 
-def check_processes(cfg: DictConfig, trainer) -> None:
-    """Only the fit + test pipeline is DDP-correct so far: a multi-stage pipeline on N processes would run every
-    stage (and write every cache) on every rank. Refused in one line before any work (issue 19 tracks the rest)."""
-    from engine import fit_test
+# the pipelines whose stages are rank-aware (engine/ranks.py): sharded extraction, one writer per output
+DDP_PIPELINES = ("engine.fit_test.run", "engine.decaf.run", "engine.decaf_domain.run")
 
+
+def check_processes(cfg: DictConfig, trainer) -> None:
+    """A pipeline not yet rank-aware would run every stage (and write every cache) on every rank under DDP: it is
+    refused in one line before any work (issue 19 tracks the rest)."""
     target = str((cfg.get("pipeline") or {}).get("_target_", "engine.fit_test.run"))
-    if trainer.world_size > 1 and target not in (f"{fit_test.__name__}.run", "engine.decaf.run"):
+    if trainer.world_size > 1 and target not in DDP_PIPELINES:
         raise ConfigError(
             f"trainer.devices={cfg.trainer.get('devices')} (x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): "
             f"the {cfg.get('task_name')} pipeline ({target}) runs on one process for now; only fit + test "
-            "(task=classify and single-fit tasks) and task=decaf run under DDP. Use trainer.devices=1.")
+            f"(task=classify and single-fit tasks), task=decaf and task=decaf_domain run under DDP. Use trainer.devices=1.")
 
 
 def build_pipeline(cfg: DictConfig):
