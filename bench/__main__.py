@@ -17,7 +17,7 @@ from bench import registry, report
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
+    p.add_argument("--only", default="", help="comma-separated benchmark names or bench modules (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery, not the machine")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 5, --quick 2)")
     p.add_argument(

@@ -163,9 +163,16 @@ class Figure:
 
 
 def select(entries: dict[str, Callable], only: Sequence[str] | None) -> dict[str, Callable]:
+    """The entries named in ``only``; a name that is no entry but a module (``evaluators`` for
+    ``bench/evaluators.py``) selects all of that module's entries."""
     if not only:
         return entries
-    unknown = [n for n in only if n not in entries]
+    by_module = {}
+    for name, fn in entries.items():
+        by_module.setdefault(fn.__module__.removeprefix("bench."), []).append(name)
+    unknown = [n for n in only if n not in entries and n not in by_module]
     if unknown:
-        raise KeyError(f"unknown benchmark(s) {unknown}; registered: {sorted(entries)}")
-    return {n: entries[n] for n in only}
+        raise KeyError(f"unknown benchmark(s) {unknown}; registered: {sorted(entries)} (or a module: "
+                       f"{sorted(by_module)})")
+    names = [m for n in only for m in ([n] if n in entries else by_module[n])]
+    return {n: entries[n] for n in dict.fromkeys(names)}

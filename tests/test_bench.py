@@ -108,6 +108,7 @@ def test_only_selects_and_rejects_unknown_names(tmp_path, capsys):
     entries = registry.load_all()
     assert list(registry.select(entries, ["startup", "training_loop"])) == ["startup", "training_loop"]
     assert registry.select(entries, []) == entries
+    assert list(registry.select(entries, ["evaluators"])) == ["caption_metrics", "voc_ap"]  # a module's entries
     assert main(["--only", "startup,no_such_bench", "--out", str(tmp_path)]) == 2
     assert "no_such_bench" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
