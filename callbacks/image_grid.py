@@ -65,7 +65,8 @@ def save_image_grid(
     title_colors: Sequence[tuple[int, int, int]] | None = None,
     font_size: int | None = None,
 ) -> Path:
-    """Lay ``images`` out ``nrow`` per row (torchvision ``make_grid``) and save one PNG atomically.
+    """Lay ``images`` out ``nrow`` per row (torchvision ``make_grid``) and save one PNG atomically (over 60 lines
+    with its docstring, which states the exact pixel layout the tests check).
 
     Without titles the PNG is exactly ``make_grid``'s size: ``min(nrow, N) * (W*upscale + padding) + padding``
     wide and ``ceil(N / nrow) * (H*upscale + padding) + padding`` high. ``titles`` adds a text band of

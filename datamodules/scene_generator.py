@@ -271,7 +271,8 @@ def generate_scenes(
 
 
 def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> dict:
-    """The VOC layout under ``root``; returns the manifest's extra fields (the cache writes the manifest last)."""
+    """The VOC layout under ``root``; returns the manifest's extra fields (the cache writes the manifest last).
+    Over 60 lines: it writes each of the layout's folders in turn, kept in one place to read against VOC's."""
     from tqdm import tqdm
 
     data_dir = params["source_files"]["data_dir"]
@@ -388,7 +389,10 @@ def _pattern_field(rng: np.random.Generator, ph: int, pw: int, size: float, imag
 
 
 def _compose(rng: np.random.Generator, params: dict, pool, pool_name: str, photos: dict, bg_names: list[str]) -> dict:
-    """One scene: the image, the instance/class maps and the objects' attributes (back to front)."""
+    """One scene: the image, the instance/class maps and the objects' attributes (back to front).
+
+    Long on purpose: one sequential draw from ``rng`` per object; splitting it would reorder the draws (and change
+    every generated data set's bytes, which tests pin) or thread a dozen arrays through helpers."""
     import cv2
 
     w, h = params["image_size"]

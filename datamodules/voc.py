@@ -125,6 +125,7 @@ def parse_voc_xml(
     """(width, height, boxes, labels, difficult) of one VOC XML, applying the module's bad-input policy.
 
     When the XML has no usable ``size``, the size is read from ``image_path``'s header; ``counts`` is updated.
+    Over 60 lines: each field's bad-input rule (docs/reliability.md) sits where that field is read.
     """
     path = Path(path)
     try:
