@@ -513,7 +513,7 @@ def bad_tap_list(ctx: Ctx) -> None:
     no_work(ctx)
     cfg = ctx.make_cfg("callbacks=tsne", "callbacks.tsne.taps=[conv1,fc9]")
     code, err = _wrapped_exit(cfg)
-    assert code == 2 and err.startswith("error: callbacks.tsne.taps=[conv1,fc9]: expected a list") and "fc7" in err
+    assert code == 2 and err.startswith("error: callbacks.tsne.taps=[conv1,fc9]: no tap 'fc9'; expected a list") and "fc7" in err
 
 
 def unwritable_path(ctx: Ctx) -> None:

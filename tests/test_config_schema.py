@@ -115,7 +115,7 @@ BAD = [  # (overrides, the line train.py prints after "error: ")
     (["backbone=vgg16", "backbone.input_size=28"], "backbone.input_size=28: expected an integer >= 32 for TimmVGG16"),
     (["seed=-1"], "seed=-1: expected an integer in [0, 4.29497e+09]"),
     (["task=rcnn", "rcnn.layers=[fc9]"],
-     "rcnn.layers=[fc9]: expected one of pool5, fc6, fc7, or a list of such values, no repeats"),
+     "rcnn.layers=[fc9]: no layer 'fc9'; expected one of pool5, fc6, fc7, or a list of such values, no repeats"),
     (["task=rcnn", "rcnn.finetune.lr=0"], "rcnn.finetune.lr=0: expected a number > 0"),
     (["task=rcnn", "rcnn.nms_threshold=2"], "rcnn.nms_threshold=2: expected a number in (0, 1]"),
     (["task=rcnn", "+source_overrides.trainer.max_epochs=-5"],
@@ -124,15 +124,15 @@ BAD = [  # (overrides, the line train.py prints after "error: ")
     (["task=bigan", "bigan.arch=conv", "bigan.image_size=28"],
      "bigan.image_size=28: expected a multiple of 16 with bigan.arch=conv"),
     (["task=decaf", "decaf.features=[fc6,hug]"],
-     "decaf.features=[fc6,hug]: expected a list of one or more values, no repeats, each a tap (conv1..fc7), "
-     "random:<tap>, raw or hog"),
+     "decaf.features=[fc6,hug]: no tap 'hug'; expected a list of one or more values, no repeats, each a tap "
+     "('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'pool5', 'fc6', 'fc7'), random:<tap>, raw or hog"),
     (["task=decaf", "decaf.splits=0"], "decaf.splits=0: expected an integer >= 1"),
     (["task=lrcn_activity", "lrcn.feature_dropout=1.0"], "lrcn.feature_dropout=1.0: expected a number in [0, 1)"),
     (["task=lrcn_caption", "lrcn.decoders=[beam0]"],
      "lrcn.decoders=[beam0]: expected a list of one or more values, no repeats, each greedy, beam<k> or "
      "sample:<N>:<T>"),
     (["task=lrcn_video_description", "video.beam=0"], "video.beam=0: expected an integer >= 1"),
-    (["callbacks=tsne", "callbacks.tsne.taps=[conv1,fc9]"], "callbacks.tsne.taps=[conv1,fc9]: expected a list"),
+    (["callbacks=tsne", "callbacks.tsne.taps=[conv1,fc9]"], "callbacks.tsne.taps=[conv1,fc9]: no tap 'fc9'; expected a list"),
     (["task=rcnn", "dataset.min_objects=7"], "dataset.min_objects=7: expected at most dataset.max_objects=6"),
 ]
 

@@ -76,6 +76,7 @@ class Rule:
     ok: Callable[[Any], bool]
     expected: str
     nullable: bool = False
+    detail: Callable[[Any], str | None] | None = None  # what is wrong, e.g. "no tap 'fc8'" (before "expected")
 
     def accepts(self, value: Any) -> bool:
         if value is None:
@@ -149,8 +150,14 @@ def Match(pattern: str, expected: str, nullable: bool = False) -> Rule:  # noqa:
 
 
 def ListOf(item: Rule, min_len: int = 1, length: int | None = None, scalar: bool = False,  # noqa: N802
-           unique: bool = False, nullable: bool = False) -> Rule:
-    """A list of ``item``s (``scalar``: a single item is accepted too, as ``rcnn.scoring: svm``)."""
+           unique: bool = False, nullable: bool = False, bad_item: str | None = None) -> Rule:
+    """A list of ``item``s (``scalar``: a single item is accepted too, as ``rcnn.scoring: svm``); ``bad_item``
+    (e.g. ``"no tap {!r}"``) names the first item that is not accepted in the message."""
+
+    def detail(v: Any) -> str | None:
+        items = v if isinstance(v, list) else [v]
+        bad = [x for x in items if not item.accepts(x)]
+        return bad_item.format(bad[0]) if bad_item and bad else None
 
     def ok(v: Any) -> bool:
         if scalar and not isinstance(v, list):
@@ -167,7 +174,7 @@ def ListOf(item: Rule, min_len: int = 1, length: int | None = None, scalar: bool
     repeats = ", no repeats" if unique else ""
     text = (f"{item.describe()}, or a list of such values{repeats}" if scalar
             else f"a list of {count} values{repeats}, each {item.describe()}")
-    return Rule(ok, text, nullable)
+    return Rule(ok, text, nullable, detail)
 
 
 def AnyOf(*rules: Rule, expected: str | None = None, nullable: bool = False) -> Rule:  # noqa: N802
@@ -182,10 +189,11 @@ NONNEG = Num(0)
 COUNT = Int(1)
 SEED = Int(0, 2**32 - 1)
 TAP = OneOf(*TAP_NAMES)
-TAPS = ListOf(TAP, unique=True)
+TAPS = ListOf(TAP, unique=True, bad_item="no tap {!r}")
 DROPOUT = Num(0, 1, hi_open=True)
 FREEZE = OneOf("none", "all", *TAP_NAMES, nullable=True)
-DECAF_FEATURE = Match(rf"(random:)?({'|'.join(TAP_NAMES)})|raw|hog", "a tap (conv1..fc7), random:<tap>, raw or hog")
+DECAF_FEATURE = Match(rf"(random:)?({'|'.join(TAP_NAMES)})|raw|hog",
+                      f"a tap ({', '.join(repr(t) for t in TAP_NAMES)}), random:<tap>, raw or hog")
 LIMIT_BATCHES = AnyOf(Int(0), Num(0, 1), expected="an integer >= 0 (batches) or a fraction in [0, 1]", nullable=True)
 
 # dataset rules, keyed below ``dataset.`` (and ``decaf_domain.target.``)
@@ -296,8 +304,8 @@ RULES: list[tuple[str, Rule]] = [
     ("model.clip_length", COUNT),
     ("model.test_stride", COUNT),
     # task=decaf / decaf_domain
-    ("decaf.features", ListOf(DECAF_FEATURE, unique=True)),
-    ("decaf.classifiers", ListOf(OneOf(*DECAF_CLASSIFIERS), unique=True)),
+    ("decaf.features", ListOf(DECAF_FEATURE, unique=True, bad_item="no tap {!r}")),
+    ("decaf.classifiers", ListOf(OneOf(*DECAF_CLASSIFIERS), unique=True, bad_item="unknown classifier {!r}")),
     ("decaf.train_per_class", COUNT),
     ("decaf.shots", ListOf(COUNT, unique=True, nullable=True)),
     ("decaf.splits", COUNT),
@@ -313,7 +321,7 @@ RULES: list[tuple[str, Rule]] = [
     ("decaf.max_images", Int(1, nullable=True)),
     ("decaf.hog.*", COUNT),
     ("decaf.fit_threads", Int(1, nullable=True)),
-    ("decaf.tsne.panels", ListOf(DECAF_FEATURE, unique=True)),
+    ("decaf.tsne.panels", ListOf(DECAF_FEATURE, unique=True, bad_item="no tap {!r}")),
     ("decaf.tsne.max_points", Int(2, nullable=True)),
     ("decaf.tsne.seed", SEED),
     ("decaf.tsne.max_iter", Int(250)),  # scikit-learn's TSNE refuses fewer
@@ -323,7 +331,7 @@ RULES: list[tuple[str, Rule]] = [
     ("decaf_domain.target_per_class", COUNT),
     ("decaf_domain.directions", OneOf("both", "forward")),
     # task=rcnn and rcnn_segmentation's detection node (*.proposals, *.finetune)
-    ("rcnn.layers", ListOf(OneOf(*RCNN_LAYERS), unique=True, scalar=True)),
+    ("rcnn.layers", ListOf(OneOf(*RCNN_LAYERS), unique=True, scalar=True, bad_item="no layer {!r}")),
     ("rcnn.scoring", ListOf(OneOf(*RCNN_SCORINGS), unique=True, scalar=True)),
     ("rcnn.feature_mode", OneOf(*FEATURE_MODES)),
     ("*.finetune.windows", OneOf(*FEATURE_MODES)),
@@ -553,7 +561,8 @@ def problems(cfg: DictConfig) -> list[str]:
         if rule is None or rule.accepts(value):
             continue
         where = _origin(cfg, path, node)
-        found.setdefault(where, f"{where}={show(value)}: expected {rule.describe()}")
+        why = rule.detail(value) if rule.detail is not None else None
+        found.setdefault(where, f"{where}={show(value)}: {why + '; ' if why else ''}expected {rule.describe()}")
     return list(found.values()) + cross_checks(cfg)
 
 
