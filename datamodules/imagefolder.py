@@ -7,11 +7,18 @@ Two layouts under ``data_dir``:
 * flat:   ``<class>/<image>`` -- split by ``seed``: ``train_per_class: N`` (the DeCAF protocol, N per
   class for training and the rest for test) or else ``test_fraction`` of each class held out.
 
-A class is any folder that directly holds images (.jpg/.jpeg/.png/.bmp, any case), named by its path
+A class is any folder that directly holds images (any format OpenCV reads: jpg/jpeg/jpe, png, bmp/dib,
+pgm/ppm/pbm/pnm, tif/tiff, webp; any case), named by its path
 below the split root, so nested trees such as SUN-397's ``a/abbey`` work too; a leading folder shared by
 every class (``images/`` of Office-31's ``amazon/images/<class>``) is dropped from the names. Classes are
 sorted by name unless ``classes`` lists (and so restricts and orders) them. Images stay file paths and
 are decoded lazily, so an unreadable file is named when it is first read.
+
+Before training (at the scan), other files are skipped and reported: a warning per split with their count
+and the first few paths, and the reason (an extension OpenCV does not read; an image whose header OpenCV
+cannot decode, found while each folder is probed for its first readable image). A class folder that yields
+no readable image is an error naming it and its skipped files (``dataset.exclude_classes`` leaves it out).
+The counts are in ``summary``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +35,11 @@ from datamodules.base import DatasetError, ImageClassificationDataModule, strati
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+# what OpenCV's imread decodes (datamodules/base.read_image): every one is accepted, none silently ignored
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".pgm", ".ppm", ".pbm", ".pnm", ".tif",
+                    ".tiff", ".webp")
+COMMON = (".jpg", ".jpeg", ".png", ".bmp")  # named first in messages
+SHOWN = 3  # skipped files named in a message (the rest counted)
 LAYOUT = "<data_dir>/<class>/<image>.jpg (split by seed) or <data_dir>/{train,[val],test}/<class>/<image>.jpg"
 
 
@@ -35,16 +47,66 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def scan_class_folders(root: Path) -> dict[str, list[str]]:
-    """{class folder path below ``root`` (posix): its sorted image paths} for every folder holding images."""
-    found: dict[str, list[str]] = {}
+def readable_header(path: str) -> bool:
+    """OpenCV recognises the file's header (reads a few bytes, decodes nothing)."""
+    import cv2
+
+    try:
+        return bool(cv2.haveImageReader(path))
+    except cv2.error:
+        return False
+
+
+@dataclass
+class FolderScan:
+    """One split root's class folders: their images, and the files skipped with the reason for each."""
+
+    images: dict[str, list[str]] = field(default_factory=dict)  # class folder (posix, below root): image paths
+    skipped: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # class folder: [(path, why)]
+    empty: list[str] = field(default_factory=list)  # folders with files but no readable image
+
+
+def scan_class_folders(root: Path) -> FolderScan:
+    """Every folder below ``root`` that directly holds files: its images (sorted), the files skipped and why.
+
+    Each folder's image files are probed in order until one has a header OpenCV reads; those before it that
+    do not are reported (they would fail when read). A folder none of whose files is a readable image is in
+    ``empty`` when it has no sub-folders (a folder of class folders may hold a README)."""
+    scan = FolderScan()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))  # .git, __MACOSX
-        images = sorted(f for f in filenames if is_image_file(f))
         rel = Path(dirpath).relative_to(root)
-        if images and rel != Path("."):
-            found[rel.as_posix()] = [os.path.join(dirpath, f) for f in images]
-    return found
+        files = sorted(f for f in filenames if not f.startswith("."))  # .DS_Store and other hidden files
+        if rel == Path(".") or not files:
+            continue
+        name = rel.as_posix()
+        images = [os.path.join(dirpath, f) for f in files if is_image_file(f)]
+        skipped = [(os.path.join(dirpath, f), f"extension {Path(f).suffix or '(none)'} is not an image format "
+                    f"OpenCV reads") for f in files if not is_image_file(f)]
+        unreadable = []
+        for path in images:
+            if readable_header(path):
+                break
+            unreadable.append(path)
+        skipped += [(p, "OpenCV cannot read its header (empty or not an image)") for p in unreadable]
+        if skipped:
+            scan.skipped[name] = skipped
+        if len(unreadable) == len(images):  # nothing readable here (or no image files at all)
+            if not dirnames:  # a leaf folder: a class that lost every file (a parent's README is no class)
+                scan.empty.append(name)
+        else:
+            scan.images[name] = images  # unreadable ones stay: reading them names the file (documented)
+    return scan
+
+
+def describe_skipped(items: list[tuple[str, str]]) -> str:
+    """``N files skipped (reason: path, path, ...; reason: ...)``, the first few paths per reason."""
+    by_reason: dict[str, list[str]] = {}
+    for path, why in items:
+        by_reason.setdefault(why, []).append(path)
+    parts = [f"{len(paths)} {why}: " + ", ".join(paths[:SHOWN]) + (", ..." if len(paths) > SHOWN else "")
+             for why, paths in by_reason.items()]
+    return f"{len(items)} file{'s' if len(items) != 1 else ''} skipped ({'; '.join(parts)})"
 
 
 def strip_common_prefix(names: Sequence[str]) -> dict[str, str]:
@@ -89,6 +151,7 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         if self.train_per_class is None and not 0.0 < self.test_fraction < 1.0:
             raise DatasetError(f"dataset.test_fraction={test_fraction}: expected a fraction in (0, 1)")
         self.layout: str | None = None  # "split" or "flat" once scanned
+        self.summary: dict = {}  # skipped files per reason and split, once scanned
         self._scanned: tuple[list[str], dict[str, dict[str, list[str]]]] | None = None
 
     # -- discovery ------------------------------------------------------------------------------
@@ -109,25 +172,32 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             raise DatasetError(f"dataset.data_dir={root} does not exist; expected {LAYOUT}")
         split_dirs = self._split_dirs(root)
         self.layout = "flat" if split_dirs is None else "split"
-        raw = {"all": scan_class_folders(root)} if split_dirs is None else {
+        scans = {"all": scan_class_folders(root)} if split_dirs is None else {
             s: scan_class_folders(p) for s, p in split_dirs.items()
         }
-        rename = strip_common_prefix(sorted({n for found in raw.values() for n in found}))
+        raw = {s: scan.images for s, scan in scans.items()}
+        rename = strip_common_prefix(sorted({n for scan in scans.values() for n in [*scan.images, *scan.empty]}))
         per_split = {s: {rename[n]: paths for n, paths in found.items()} for s, found in raw.items()}
         source = per_split["all" if split_dirs is None else "train"]
         where = root if split_dirs is None else split_dirs["train"]
+        self._report_skipped(root, scans, rename)
         if not source:
+            scan = scans["all" if split_dirs is None else "train"]
+            items = [item for folder in sorted(scan.skipped) for item in scan.skipped[folder]]
+            others = "/".join(e[1:] for e in IMAGE_EXTENSIONS if e not in COMMON)
             raise DatasetError(
-                f"dataset.data_dir={root}: no class folders with {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} "
-                f"images under {where}; expected {LAYOUT}"
+                f"dataset.data_dir={root}: no class folders with {'/'.join(e[1:] for e in COMMON)} images (or "
+                f"{others}) under {where}; expected {LAYOUT}" + (f"; {describe_skipped(items)}" if items else "")
             )
+        empty = {rename[n] for scan in scans.values() for n in scan.empty}
         for key, listed in (("classes", self.classes or []), ("exclude_classes", self.exclude_classes)):
             for name in listed:
-                if name not in source:
+                if name not in source and not (key == "exclude_classes" and name in empty):
                     known = ", ".join(sorted(source)[:8]) + (", ..." if len(source) > 8 else "")
                     raise DatasetError(f"dataset.{key}: no class folder '{name}' under {where} (found: {known})")
         names = list(self.classes) if self.classes is not None else sorted(source)
         names = [n for n in names if n not in self.exclude_classes]
+        self._refuse_empty_classes(root, scans, rename, names)
         if len(set(names)) != len(names):
             raise DatasetError(f"dataset.classes lists a class twice: {names}")
         if self.classes is None and split_dirs is not None:
@@ -140,6 +210,36 @@ class ImageFolderDataModule(ImageClassificationDataModule):
                     )
         self._scanned = (names, per_split)
         return self._scanned
+
+    def _report_skipped(self, root: Path, scans: dict[str, FolderScan], rename: dict[str, str]) -> None:
+        """Warn, per split, about the files that are not readable images (count, first paths, reason)."""
+        for split, scan in scans.items():
+            items = [item for folder in sorted(scan.skipped) for item in scan.skipped[folder]]
+            if not items:
+                continue
+            where = root if split == "all" else root / split
+            log.warning("imagefolder: %s: %s", where, describe_skipped(items))
+            self.summary[f"skipped_files_{split}"] = len(items)
+            for _, why in items:
+                key = "skipped_unsupported" if why.startswith("extension") else "skipped_unreadable"
+                self.summary[key] = self.summary.get(key, 0) + 1
+
+    def _refuse_empty_classes(self, root: Path, scans: dict[str, FolderScan], rename: dict[str, str],
+                              names: list[str]) -> None:
+        """A class folder (one the run would use) with no readable image: one line naming it and its files."""
+        wanted = set(names) if self.classes is not None else None
+        for split, scan in scans.items():
+            bad = [f for f in scan.empty if rename[f] not in self.exclude_classes
+                   and (wanted is None or rename[f] in wanted)]
+            if bad:
+                where = root if split == "all" else root / split
+                items = [item for f in bad for item in scan.skipped.get(f, [])]
+                shown = ", ".join(f"'{rename[f]}'" for f in bad[:SHOWN]) + (", ..." if len(bad) > SHOWN else "")
+                raise DatasetError(
+                    f"dataset.data_dir={root}: class folder{'s' if len(bad) > 1 else ''} {shown} under {where} "
+                    f"yield{'' if len(bad) > 1 else 's'} no readable image: {describe_skipped(items)}; add "
+                    f"{'them' if len(bad) > 1 else 'it'} to dataset.exclude_classes or add images"
+                )
 
     @property
     def class_names(self) -> list[str]:

@@ -40,11 +40,12 @@ from models.weights import (
     load_backbone_weights,
     load_torchvision_hub,
 )
+from transferrable.config_schema import (
+    TAP_NAMES as TAP_NAMES,  # defined beside the rules that check tap names
+)
 from transferrable.errors import UserError
 
 log = logging.getLogger(__name__)
-
-TAP_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
 
 
 class UnknownTapError(UserError, ValueError):

@@ -479,6 +479,97 @@ def crafted_pickle_ckpt(ctx: Ctx) -> None:
     assert not marker.exists()
 
 
+def _wrapped_exit(cfg) -> tuple[int, str]:
+    """``runner.train(cfg)`` under train.py's ``exit_on_user_error``: (exit code, stderr)."""
+
+    @exit_on_user_error
+    def main():
+        return runner.train(cfg)
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, stderr.getvalue()
+
+
+def bad_config_value(ctx: Ctx) -> None:
+    no_work(ctx)
+    for override, line in (("dataset.batch_size=0", "dataset.batch_size=0: expected an integer >= 1"),
+                           ("model.optimizer.lr=-1", "model.optimizer.lr=-1: expected a number > 0")):
+        cfg = ctx.make_cfg(override)
+        code, err = _wrapped_exit(cfg)
+        assert code == 2 and err == f"error: {line}\n", err
+        no_metrics(cfg)
+
+
+def input_size_too_small_for_taps(ctx: Ctx) -> None:
+    no_work(ctx)
+    cfg = ctx.make_cfg("backbone=alexnet", "backbone.input_size=32")
+    code, err = _wrapped_exit(cfg)
+    assert code == 2 and err.startswith("error: backbone.input_size=32: expected an integer >= 63 for TorchvisionAlexNet")
+
+
+def bad_tap_list(ctx: Ctx) -> None:
+    no_work(ctx)
+    cfg = ctx.make_cfg("callbacks=tsne", "callbacks.tsne.taps=[conv1,fc9]")
+    code, err = _wrapped_exit(cfg)
+    assert code == 2 and err.startswith("error: callbacks.tsne.taps=[conv1,fc9]: no tap 'fc9'; expected a list") and "fc7" in err
+
+
+def unwritable_path(ctx: Ctx) -> None:
+    no_work(ctx)
+    blocker = ctx.tmp / "a_file"  # tests run as root, where chmod does not stop writes: a file in the way does
+    blocker.write_text("x")
+    cfg = ctx.make_cfg()
+    cfg.paths.cache_dir = str(blocker / "cache")
+    code, err = _wrapped_exit(cfg)
+    assert code == 2 and err == f"error: paths.cache_dir={blocker / 'cache'}: not writable ({blocker} is a file, not a directory)\n"
+
+
+def class_folder_without_readable_image(ctx: Ctx) -> None:
+    root = ctx.tmp / "flat"
+    make_tree(root, {"a": 4, "b": 4})
+    (root / "c").mkdir()
+    for i in range(5):
+        (root / "c" / f"{i}.gif.txt").write_text("not an image")
+    (root / "c" / "broken.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError) as err:
+        _ = folder_dm(root).num_classes  # what the runner asks before building the model, so before training
+    one_line_error(err.value, "class folder 'c'", "no readable image", "6 files skipped",
+                   "5 extension .txt is not an image format OpenCV reads", "broken.jpg", ", ...",
+                   "dataset.exclude_classes")
+    assert folder_dm(root, exclude_classes=["c"]).num_classes == 2
+
+
+def skipped_files_reported(ctx: Ctx) -> None:
+    root = image_folder(ctx.tmp / "folder")
+    for i in range(4):
+        (root / "train" / "a" / f"notes{i}.txt").write_text("x")
+    dm = folder_dm(root)
+    with ctx.caplog.at_level(logging.WARNING):
+        dm.setup()
+    # make_tree leaves a notes.txt in each class folder too: 6 in train/, 2 in test/
+    assert "6 files skipped (6 extension .txt is not an image format OpenCV reads" in ctx.caplog.text
+    assert "notes0.txt" in ctx.caplog.text and ", ..." in ctx.caplog.text and "notes3.txt" not in ctx.caplog.text
+    assert dm.summary["skipped_files_train"] == 6 and dm.summary["skipped_unsupported"] == 8
+
+
+def opencv_formats_accepted(ctx: Ctx) -> None:
+    import cv2
+
+    root = image_folder(ctx.tmp / "folder")
+    ext = ("pgm", "ppm", "tif", "tiff", "webp", "bmp")
+    for i, e in enumerate(ext):
+        img = np.full((6, 5, 3), 30 * i, np.uint8)
+        assert cv2.imwrite(str(root / "train" / ("a" if i % 2 else "b") / f"x{i}.{e.upper() if i == 2 else e}"),
+                           img[..., 0] if e == "pgm" else img)
+    dm = folder_dm(root)
+    dm.setup()
+    every = [*dm.splits["train"].images, *dm.splits["val"].images]
+    assert all(any(p.endswith(f"x{i}.{e.upper() if i == 2 else e}") for p in every) for i, e in enumerate(ext))
+    assert all(dm.splits[s][i][0].shape == (3, 16, 16) for s in ("train", "val") for i in range(len(dm.splits[s])))
+
+
 class _CreatesFile:
     """Unpickling this would create a file: a weights-only load refuses it without running it."""
 
@@ -556,6 +647,22 @@ CASES = [
     Case("unknown_hydra_choice", unknown_hydra_choice, "Hydra's error listing the available options", "Hydra"),
     Case("truncated_idx_file", truncated_idx_file, "error naming the IDX file", "datamodules/idx.py"),
     Case("missing_data_dir", missing_data_dir, "error naming dataset.data_dir and the layout", "datamodules/voc.py"),
+    Case("bad_config_value", bad_config_value,
+         "one line `<key>=<value>: expected ...`, exit 2, before any work (e.g. dataset.batch_size=0, "
+         "model.optimizer.lr=-1)", "transferrable/config_schema.py"),
+    Case("input_size_too_small_for_taps", input_size_too_small_for_taps,
+         "error naming backbone.input_size and the smallest size the backbone's taps need",
+         "transferrable/config_schema.py"),
+    Case("bad_tap_list", bad_tap_list, "error naming the list and the taps accepted", "transferrable/config_schema.py"),
+    Case("unwritable_path", unwritable_path, "error naming the paths.* override and why, before any work",
+         "transferrable/config_schema.py"),
+    Case("class_folder_without_readable_image", class_folder_without_readable_image,
+         "error naming the class folder and its skipped files (count, first paths, reason), before training",
+         "datamodules/imagefolder.py"),
+    Case("skipped_files_reported", skipped_files_reported,
+         "skipped with a warning (count, first paths, reason); summary skipped_*", "datamodules/imagefolder.py"),
+    Case("opencv_formats_accepted", opencv_formats_accepted, "pgm/ppm/tif/tiff/webp/bmp (any case) read as images",
+         "datamodules/imagefolder.py"),
 ]
 
 

@@ -16,6 +16,7 @@ from transferrable.archives import extract_configured_archive
 from transferrable.atomic import atomic_write_json
 from transferrable.checkpoints import check_ckpt_path, load_weights_only
 from transferrable.compat import check_task_dataset
+from transferrable.config_schema import validate
 from transferrable.errors import ConfigError
 from transferrable.nested_run import install_train
 from transferrable.precision import resolve_precision
@@ -122,6 +123,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L  # imported here for start-up speed, like every third-party import in this module
 
     apply_precision_policy(cfg)  # first: the nested source pretraining below inherits the resolved precision
+    validate(cfg)  # every value in range, every paths.* directory writable (transferrable/config_schema.py)
     check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
     check_ckpt_path(cfg)  # so does a ckpt_path that is missing, not weights-only, or of another task/backbone
     extract_configured_archive(cfg)  # and an unsafe dataset.data_dir archive (a safe one is extracted once)
@@ -240,6 +242,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         run_cfg.trainer = OmegaConf.merge(run_cfg.trainer, cfg.get("trainer") or {})
         run_cfg.trainer.default_root_dir = str(ckpt_path.parent)
         run_cfg.trainer.logger = False
+    if cfg.get("split", "test") not in ("test", "val"):
+        raise ConfigError(f"split={cfg.get('split')}: expected test or val")
+    validate(run_cfg, paths=False)  # the checkpoint's config with this command's dataset/trainer overrides
     datamodule = build_datamodule(run_cfg)
     model = build_model(run_cfg, datamodule.num_classes)
     import lightning as L

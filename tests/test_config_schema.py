@@ -1,0 +1,208 @@
+"""The config rules (transferrable/config_schema.py): every numeric key of every config group has a range, every
+shipped config passes, and a bad value is one ``error: <key>=<value>: expected ...`` line with exit 2 before
+any work."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import pytest
+from conftest import CONF_DIR, compose_train, point_paths_at
+from hydra.core.global_hydra import GlobalHydra
+
+import transferrable.runner as runner
+import transferrable.source as source
+from transferrable import config_schema as schema
+from transferrable.errors import ConfigError, exit_on_user_error
+
+# Numeric keys that take any real number on purpose (no range to check): the R-CNN SVM's hard-negative score
+# thresholds are SVM scores (their order, easy < hard, is a cross-check in config_schema).
+UNBOUNDED = {"rcnn.svm.hard_threshold", "rcnn.svm.easy_threshold"}
+GROUPS = ("backbone", "dataset", "task", "experiment", "callbacks", "logger", "debug", "hardware")
+
+
+def options() -> list[list[str]]:
+    """One composition per option of every group (a task with its default dataset, each experiment)."""
+    out = [[]]
+    for group in GROUPS:
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            if (group, path.stem) != ("hardware", "slurm"):  # needs the submitit launcher plugin
+                out.append([f"{group}={path.stem}"])
+    for path in sorted((CONF_DIR / "task_backbone").glob("*.yaml")):
+        task, backbone = path.stem.split("-", 1)
+        out.append([f"task={task}", f"backbone={backbone}"])
+    return out
+
+
+def compose(overrides: list[str]):
+    try:
+        return compose_train(overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def is_numeric(value) -> bool:
+    num = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+    return num(value) or (isinstance(value, list) and bool(value) and all(num(v) for v in value))
+
+
+def test_every_numeric_key_has_a_range():
+    missing: dict[str, str] = {}
+    for overrides in options():
+        for path, value, _ in schema.leaves(compose(overrides)):
+            if not is_numeric(value) or path in UNBOUNDED:
+                continue
+            rule = schema.rule_for(path)
+            if rule is None or not any(c in rule.expected for c in "<>=[(") and "one of" not in rule.expected:
+                missing.setdefault(path, " ".join(overrides) or "(defaults)")
+    assert not missing, f"numeric keys without a range in config_schema.RULES: {missing}"
+    assert len(schema.RULES) >= 15
+
+
+@pytest.mark.parametrize("overrides", options(), ids=lambda o: " ".join(o) or "defaults")
+def test_shipped_configs_pass(overrides):
+    assert schema.problems(compose(overrides)) == []
+
+
+def test_choice_lists_match_the_code():
+    from lightning_modules import rcnn, rcnn_segmentation
+    from models import backbones, bigan_training, lrcn_caption, video_description
+    from models.rcnn import proposals, segments
+
+    assert schema.TAP_NAMES == backbones.TAP_NAMES
+    assert schema.BIGAN_OBJECTIVES == tuple(bigan_training.OBJECTIVES)
+    assert schema.RCNN_LAYERS == rcnn.FEATURE_LAYERS and schema.RCNN_SCORINGS == rcnn.SCORINGS
+    assert schema.FEATURE_MODES == rcnn.FEATURE_MODES
+    assert schema.SEG_FEATURES == rcnn_segmentation.FEATURE_KINDS and schema.SEG_LAYERS == rcnn_segmentation.LAYERS
+    assert schema.COLOUR_SPACES == segments.COLOUR_SPACES and schema.SS_MODES == proposals.SS_MODES
+    assert schema.VIDEO_INPUTS == tuple(video_description.INPUTS)
+    assert ("1u", "2u", "2f") == lrcn_caption.VARIANTS
+
+
+def test_min_input_size_is_what_the_taps_need():
+    from models.backbones import TorchvisionAlexNet
+
+    TorchvisionAlexNet(input_size=schema.MIN_INPUT_SIZE["models.backbones.TorchvisionAlexNet"]).tap_shapes()
+    with pytest.raises(RuntimeError):
+        TorchvisionAlexNet(input_size=schema.MIN_INPUT_SIZE["models.backbones.TorchvisionAlexNet"] - 1).tap_shapes()
+
+
+# -- one line, exit 2, before any work --------------------------------------------------------------------------
+BAD = [  # (overrides, the line train.py prints after "error: ")
+    (["dataset.batch_size=0"], "dataset.batch_size=0: expected an integer >= 1"),
+    (["model.optimizer.lr=-1"], "model.optimizer.lr=-1: expected a number > 0"),
+    (["dataset.eval_batch_size=-4"], "dataset.eval_batch_size=-4: expected an integer >= 1 (or null)"),
+    (["dataset.val_fraction=1.0"], "dataset.val_fraction=1.0: expected a number in [0, 1)"),
+    (["dataset.num_workers=-1"], "dataset.num_workers=-1: expected an integer >= 0"),
+    (["dataset.augment=flips"], "dataset.augment=flips: expected one of none, flip, flip_crop, resized_crop"),
+    (["dataset.mean=[0.5,0.5]"], "dataset.mean=[0.5,0.5]: expected a list of 3 values, each a number in [0, 1]"),
+    (["dataset.std=[0.3,0,0.3]"], "dataset.std=[0.3,0,0.3]: expected a list of 3 values, each a number > 0"),
+    (["trainer.max_epochs=-3"], "trainer.max_epochs=-3: expected an integer >= 0 (or -1: no limit)"),
+    (["trainer.limit_train_batches=1.5"],
+     "trainer.limit_train_batches=1.5: expected an integer >= 0 (batches) or a fraction in [0, 1] (or null)"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1: expected a number >= 0 (or null)"),
+    (["model.optimizer.momentum=1.5"], "model.optimizer.momentum=1.5: expected a number in [0, 1)"),
+    (["model.optimizer.weight_decay=-0.1"], "model.optimizer.weight_decay=-0.1: expected a number >= 0"),
+    (["model.head_tap=fc9"], "model.head_tap=fc9: expected one of conv1, conv2, conv3, conv4, conv5, pool5, fc6, fc7"),
+    (["backbone.freeze=conv9"],
+     "backbone.freeze=conv9: expected one of none, all, conv1, conv2, conv3, conv4, conv5, pool5, fc6, fc7 (or null)"),
+    (["backbone.dropout=1"], "backbone.dropout=1: expected a number in [0, 1)"),
+    (["backbone.widths=[8,16,16]"], "backbone.widths=[8,16,16]: expected a list of 5 values, each an integer >= 1"),
+    (["backbone=alexnet", "backbone.input_size=32"],
+     "backbone.input_size=32: expected an integer >= 63 for TorchvisionAlexNet"),
+    (["backbone=vgg16", "backbone.input_size=28"], "backbone.input_size=28: expected an integer >= 32 for TimmVGG16"),
+    (["seed=-1"], "seed=-1: expected an integer in [0, 4.29497e+09]"),
+    (["task=rcnn", "rcnn.layers=[fc9]"],
+     "rcnn.layers=[fc9]: no layer 'fc9'; expected one of pool5, fc6, fc7, or a list of such values, no repeats"),
+    (["task=rcnn", "rcnn.finetune.lr=0"], "rcnn.finetune.lr=0: expected a number > 0"),
+    (["task=rcnn", "rcnn.nms_threshold=2"], "rcnn.nms_threshold=2: expected a number in (0, 1]"),
+    (["task=rcnn", "+source_overrides.trainer.max_epochs=-5"],
+     "source_overrides.trainer.max_epochs=-5: expected an integer >= 0 (or -1: no limit)"),
+    (["task=bigan", "bigan.lr=-1"], "bigan.lr=-1: expected a number > 0"),  # model.optimizer.lr: ${bigan.lr}
+    (["task=bigan", "bigan.arch=conv", "bigan.image_size=28"],
+     "bigan.image_size=28: expected a multiple of 16 with bigan.arch=conv"),
+    (["task=decaf", "decaf.features=[fc6,hug]"],
+     "decaf.features=[fc6,hug]: no tap 'hug'; expected a list of one or more values, no repeats, each a tap "
+     "('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'pool5', 'fc6', 'fc7'), random:<tap>, raw or hog"),
+    (["task=decaf", "decaf.splits=0"], "decaf.splits=0: expected an integer >= 1"),
+    (["task=lrcn_activity", "lrcn.feature_dropout=1.0"], "lrcn.feature_dropout=1.0: expected a number in [0, 1)"),
+    (["task=lrcn_caption", "lrcn.decoders=[beam0]"],
+     "lrcn.decoders=[beam0]: expected a list of one or more values, no repeats, each greedy, beam<k> or "
+     "sample:<N>:<T>"),
+    (["task=lrcn_video_description", "video.beam=0"], "video.beam=0: expected an integer >= 1"),
+    (["callbacks=tsne", "callbacks.tsne.taps=[conv1,fc9]"], "callbacks.tsne.taps=[conv1,fc9]: no tap 'fc9'; expected a list"),
+    (["task=rcnn", "dataset.min_objects=7"], "dataset.min_objects=7: expected at most dataset.max_objects=6"),
+]
+
+
+def run_wrapped(cfg) -> tuple[int, str]:
+    """``runner.train(cfg)`` under train.py's wrapper: (exit code, stderr)."""
+
+    @exit_on_user_error
+    def main():
+        return runner.train(cfg)
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, stderr.getvalue()
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    monkeypatch.setattr(source, "resolve_source_weights", lambda cfg: pytest.fail("pretraining started"))
+    monkeypatch.setattr(runner, "build_datamodule", lambda cfg: pytest.fail("data loading started"))
+    monkeypatch.setattr(runner, "extract_configured_archive", lambda cfg: pytest.fail("extraction started"))
+    monkeypatch.setattr(runner, "check_task_dataset", lambda cfg: None)  # the value check comes first anyway
+
+
+@pytest.mark.parametrize("overrides,line", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_value_is_one_line_before_any_work(overrides, line, tmp_path, no_work):
+    cfg = point_paths_at(compose_train(["logger=none", *overrides]), tmp_path / "run")
+    code, err = run_wrapped(cfg)
+    assert code == 2 and err.startswith(f"error: {line}") and err.count("\n") == 1, err
+
+
+def test_several_bad_values_in_one_line(make_cfg, no_work):
+    code, err = run_wrapped(make_cfg("dataset.batch_size=0", "model.optimizer.lr=-1"))
+    assert code == 2 and err.count("\n") == 1
+    assert "dataset.batch_size=0" in err and "(and 1 more: model.optimizer.lr=-1: expected a number > 0)" in err
+
+
+# -- unwritable paths -------------------------------------------------------------------------------------------
+# Tests run as root, where a chmod'ed read-only directory stays writable; so the "file in the way" case uses a
+# path below a regular file, and the permission case replaces os.access (as a non-root user would see it).
+@pytest.mark.parametrize("key", schema.WRITABLE_PATHS)
+def test_path_below_a_file_names_the_override(key, make_cfg, no_work, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cfg = make_cfg()
+    cfg.paths[key.split(".")[1]] = str(blocker / "sub")
+    code, err = run_wrapped(cfg)
+    assert code == 2 and err == f"error: {key}={blocker / 'sub'}: not writable ({blocker} is a file, not a directory)\n"
+
+
+def test_read_only_directory_names_the_override(make_cfg, no_work, tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(ro) else real(p, mode, **kw))
+    cfg = make_cfg()
+    cfg.paths.cache_dir = str(ro / "cache")
+    code, err = run_wrapped(cfg)
+    assert code == 2 and err == f"error: paths.cache_dir={ro / 'cache'}: not writable (no write permission on {ro})\n"
+
+
+def test_evaluate_checkpoint_checks_the_merged_config(make_cfg, tmp_path):
+    import torch
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg()
+    ckpt = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}, "run_config_yaml": OmegaConf.to_yaml(cfg, resolve=True)}, ckpt)
+    eval_cfg = OmegaConf.create({"ckpt_path": str(ckpt), "split": "test", "dataset": {"batch_size": 0},
+                                 "trainer": {}})
+    with pytest.raises(ConfigError, match=r"^dataset.batch_size=0: expected an integer >= 1$"):
+        runner.evaluate_checkpoint(eval_cfg)
