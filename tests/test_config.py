@@ -19,7 +19,7 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.ya
 def test_groups_are_the_documented_ones():
     assert set(GROUPS) == {
         "backbone", "callbacks", "dataset", "debug", "experiment", "hardware", "hparams_search", "logger",
-        "paths", "task", "task_backbone",
+        "paths", "task", "task_backbone", "task_backbone_dataset", "task_dataset",
     }
     assert len(OPTIONS) >= 20
 
