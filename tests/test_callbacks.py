@@ -163,8 +163,10 @@ def test_visual_callbacks_config_and_sample_grid_in_a_run(make_cfg):
     runner.train(cfg)
     png = Path(cfg.paths.output_dir) / "samples_epoch0.png"
     w, h = png_size(png)
-    assert w == 3 * (96 + 2) + 2  # 32 px inputs upscaled x3 to >= 96 px cells, 3 per row
-    assert h > 2 * (96 + 2) + 2  # two rows plus their title bands
+    size = cfg.backbone.input_size
+    cell = size * -(-96 // size)  # inputs upscaled by a whole factor to >= 96 px cells (28 px: x4 = 112)
+    assert w == 3 * (cell + 2) + 2  # 3 per row
+    assert h > 2 * (cell + 2) + 2  # two rows plus their title bands
 
 
 def test_sample_grid_titles_pred_true():
