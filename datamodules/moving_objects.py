@@ -44,10 +44,14 @@ class MovingObjectsDataModule(UCF101DataModule):
             "object_size": list(object_size), "data_dir": source_dir,
         }
 
-    def prepare_data(self) -> None:
+    def generate(self) -> None:
         self.data_dir = generate_motions(self.motion_root, progress=self.progress, **self.generation)
+
+    def prepare_data(self) -> None:
+        self.generate()
+        super().prepare_data()  # then the frames cache, as for real UCF101
 
     def _read_classes(self) -> list[str]:
         if self.data_dir is None:
-            self.prepare_data()  # cheap when already generated (manifest check)
+            self.generate()  # cheap when already generated (manifest check)
         return super()._read_classes()

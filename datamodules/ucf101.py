@@ -385,9 +385,8 @@ class UCF101DataModule(L.LightningDataModule):
         return self.classes
 
     # -- Lightning hooks -------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def _split_entries(self) -> dict[str, list[tuple[str, int]]]:
+        """(video path, label) of train / val / test: the split lists, ``val_groups`` held out of train."""
         self._read_classes()
         keep = {self.all_classes.index(c): i for i, c in enumerate(self.classes)}
         lists = {}
@@ -401,9 +400,21 @@ class UCF101DataModule(L.LightningDataModule):
             held = set(groups[-self.val_groups:]) if len(groups) > self.val_groups else set()
             val = [e for e in train if video_group(e[0]) in held]
             train = [e for e in train if video_group(e[0]) not in held]
+        return {"train": train, "val": val, "test": lists["test"]}
+
+    def prepare_data(self) -> None:
+        """Decode (and for flow, compute) every listed video into the frames cache. Lightning calls this on one
+        process per node before ``setup`` (then a barrier), so under DDP the cache is built once, never raced;
+        ``setup`` then only reads it."""
         counts = {"bad_videos": 0, "short_videos": 0, "skipped": []}
-        built = {name: self._materialise(name, entries, counts) for name, entries in
-                 (("train", train), ("val", val), ("test", lists["test"]))}
+        for name, entries in self._split_entries().items():
+            self._materialise(name, entries, counts)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        counts = {"bad_videos": 0, "short_videos": 0, "skipped": []}
+        built = {name: self._materialise(name, entries, counts) for name, entries in self._split_entries().items()}
         for name, (arrays, labels, names) in built.items():
             if name != "val" and not arrays:
                 raise DatasetError(f"{self.lists_dir}: the {name} list of split {self.split} has no readable videos")

@@ -27,8 +27,8 @@ def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
 
 def write_test_outputs(trainer, datamodule, model, output_dir: Path) -> None:
     """The last test's per-video scores and confusion matrix (nothing when no test video was scored)."""
-    scores, labels, order = model.collect_scores("test")
-    if not len(labels):
+    scores, labels, order = model.collect_scores("test")  # every rank's videos (a collective call under DDP)
+    if not len(labels) or not trainer.is_global_zero:
         return
     lrcn = model.cfg
     save_video_scores(output_dir / SCORES_FILE, scores, labels, [datamodule.splits["test"].names[i] for i in order],

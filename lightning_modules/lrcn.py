@@ -18,6 +18,7 @@ from collections.abc import Callable
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -73,8 +74,8 @@ class LRCNActivityModule(L.LightningModule):
         t = logits.shape[1]
         loss = self.criterion(logits.flatten(0, 1).float(), y.repeat_interleave(t))
         acc = (logits.float().softmax(-1).mean(1).argmax(1) == y).float().mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("train/clip_acc", acc, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("train/clip_acc", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         return loss
 
     @torch.no_grad()
@@ -110,9 +111,19 @@ class LRCNActivityModule(L.LightningModule):
     def collect_scores(self, split: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(per-video scores, labels, dataset indices) of the videos of ``split`` scored in its last epoch."""
         ds = self.trainer.datamodule.splits[split]
-        order = sorted(self._scores.get(split, {}))
-        scores = torch.stack([self._scores[split][i] for i in order]).numpy() if order else np.zeros((0, 0))
+        store = self._gathered(self._scores.get(split, {}))
+        order = sorted(store)
+        scores = torch.stack([store[i] for i in order]).numpy() if order else np.zeros((0, 0))
         return scores, ds.labels[order], order
+
+    def _gathered(self, store: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Under DDP every rank scored its shard of the videos: every rank gets them all. Keyed by dataset index,
+        so the videos DistributedSampler repeats to even out the shards count once."""
+        if self.trainer.world_size <= 1 or not dist.is_initialized():
+            return store
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, store)
+        return {i: score for part in parts for i, score in part.items()}
 
     def on_validation_epoch_end(self):
         scores, labels, _ = self.collect_scores("val")

@@ -27,6 +27,9 @@ class LRCN(nn.Module):
         for m in backbone.stages[tap].modules():  # LRCN's own dropout after the tap replaces the CNN's there
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
+        # the stages after the tap never run: no gradients for them (DDP refuses parameters without one)
+        for name in backbone.tap_names[backbone.tap_names.index(tap) + 1:]:
+            backbone.stages[name].requires_grad_(False)
         dim = backbone.feature_dim(tap)
         self.feature_dropout = nn.Dropout(feature_dropout)
         if sequence_model == "lstm":

@@ -108,3 +108,37 @@ def test_a_multi_stage_pipeline_on_two_processes_is_refused_in_one_line(tmp_path
     with pytest.raises(ConfigError, match=r"trainer.devices=2 .*runs on one process for now"):
         train(cfg)
     assert not (tmp_path / "metrics.json").exists()
+
+
+LRCN = ["task=lrcn_activity", "logger=csv", "trainer.precision=32-true", "seed=0", "backbone.weights=null",
+        "backbone.input_size=16",
+        "backbone.widths=[8,16,16,16,16]", "backbone.fc_dim=32", "backbone.pool5_size=2", "lrcn.hidden_rgb=32",
+        "trainer.max_epochs=2", "dataset.actions=[MoveLeft,MoveRight]", "dataset.clips_per_group=1",
+        "dataset.n_groups=22", "dataset.num_frames=16", "dataset.video_size=20", "dataset.frame_size=[20,20]",
+        "dataset.batch_size=2", "dataset.val_groups=1", "dataset.progress=false",
+        "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false"]
+
+
+@pytest.mark.slow
+def test_lrcn_on_two_processes_scores_every_video_once(fmnist_dir, tmp_path):
+    """lrcn_activity on 2 processes: the frames cache is built once (prepare_data, before the ranks start), each
+    rank scores its shard of the test videos, and the video accuracy is over every video, once: the 2-process run's
+    test numbers equal its checkpoint tested by one process, and video_scores.npz holds each test video once."""
+    from transferrable.lrcn_scores import load_video_scores
+
+    run_dir = tmp_path / "ddp"
+    done = run_train(LRCN, run_dir, f"dataset.source_dir={fmnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}",
+                     "hardware=ddp_cpu", "trainer.devices=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory :") == 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    saved = load_video_scores(run_dir / "video_scores.npz")
+    test_list = next((tmp_path / "cache").rglob("testlist01.txt")).read_text().split()
+    assert len(test_list) >= 4  # every test video of the split, each once (a rank alone has about half)
+    assert len(saved["videos"]) == len(set(saved["videos"])) == len(test_list), (saved["videos"], test_list)
+    one = evaluate_checkpoint(OmegaConf.create({"ckpt_path": metrics["test_checkpoint"],
+                                                "trainer": {"devices": 1, "strategy": "auto"}}))
+    print("2 processes vs 1:", {k: (metrics[k], one[k]) for k in ("test/acc", "test/mean_class_acc")})
+    for key in ("test/acc", "test/mean_class_acc"):
+        assert metrics[key] == pytest.approx(one[key], abs=1e-6), key
+    assert float((saved["scores"].argmax(1) == saved["labels"]).mean()) == pytest.approx(metrics["test/acc"])
