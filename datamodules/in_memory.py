@@ -3,6 +3,12 @@
 :func:`load_splits` materialises every split of a suite image DataModule at a given resolution and channel count;
 :func:`batch_sampler_loader` serves one split in batches without per-sample collation, shuffled as a function of
 ``(seed, epoch)`` alone, so that a run resumed mid-training sees the same batches as an uninterrupted one.
+
+Under DDP (``shard=True``) every rank draws the same epoch permutation and keeps its interleaved share of it
+(rows ``rank, rank + W, ...`` of the first ``W * (N // W)``, like ``DistributedSampler(drop_last=True)``), so each
+rank trains on its own shard of every epoch with the same number of batches; the rank is read from
+``torch.distributed`` when the loader is iterated (inside ``trainer.fit``), so the task sets
+``trainer.use_distributed_sampler: false`` (Lightning would otherwise shard the batches a second time).
 """
 
 from __future__ import annotations
@@ -65,23 +71,38 @@ def load_splits(datamodule, size: int, channels: int) -> dict[str, SplitTensors]
     return data
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) of the initialised process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochPermutation(Sampler):
     """A shuffle that is a function of ``(seed, epoch)`` alone (Lightning calls ``set_epoch``): a run resumed from a
     mid-training checkpoint sees the same batches in its next epochs as an uninterrupted run. (A ``RandomSampler``
-    with a generator seeded once would replay epoch 0's order after a resume.)"""
+    with a generator seeded once would replay epoch 0's order after a resume.) With ``shard=True``, this rank's
+    interleaved share of the permutation (every rank the same length; the last ``N % W`` rows of it sit out)."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = int(n), int(seed), 0
+    def __init__(self, n: int, seed: int, shard: bool = False):
+        self.n, self.seed, self.epoch, self.shard = int(n), int(seed), 0, bool(shard)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.n
+        world = rank_and_world()[1] if self.shard else 1
+        return self.n // world if world > 1 else self.n
 
     def __iter__(self):
         epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0] >> 1)
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed)).tolist())
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed))
+        rank, world = rank_and_world() if self.shard else (0, 1)
+        if world > 1:
+            order = order[: world * (self.n // world)][rank::world]
+        return iter(order.tolist())
 
 
 class EpochBatchSampler(BatchSampler):
@@ -90,10 +111,14 @@ class EpochBatchSampler(BatchSampler):
             self.sampler.set_epoch(epoch)
 
 
-def batch_sampler_loader(split: SplitTensors, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> DataLoader:
-    """A DataLoader that indexes whole batches out of the in-memory tensors (no per-sample collation)."""
+def batch_sampler_loader(split: SplitTensors, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+                         shard: bool = False) -> DataLoader:
+    """A DataLoader that indexes whole batches out of the in-memory tensors (no per-sample collation); with
+    ``shard=True`` (needs ``shuffle``) each DDP rank gets its own share of every epoch."""
+    if shard and not shuffle:
+        raise ValueError("batch_sampler_loader: shard=True shards the shuffled training order (shuffle=True)")
     data = TensorDataset(split.images, split.labels)
-    base = EpochPermutation(len(data), seed) if shuffle else SequentialSampler(data)
+    base = EpochPermutation(len(data), seed, shard) if shuffle else SequentialSampler(data)
     # a private generator: creating an iterator draws a base seed, and a resumed run creates its first one at
     # another point of the global RNG stream than an uninterrupted run does
     return DataLoader(data, batch_size=None, sampler=EpochBatchSampler(base, batch_size, drop_last=drop_last),

@@ -15,6 +15,14 @@ Validation: BN statistics re-estimated on training data first (like the original
 ``val/knn1_acc`` (val queries, train gallery; Euclidean distance in the feature space). The splits live in memory
 (``self.data``, filled by ``engine/bigan.py``, which also runs the end-of-training evaluation: test 1-NN, raw-pixel
 1-NN, linear probe, clustering, the final sample grids and the encoder export).
+
+Under DDP (``hardware=ddp_cpu``, ``multi_gpu``) each rank trains on its shard of every epoch
+(``datamodules/in_memory.py``) with its own prior samples (rank ``r`` takes rows ``r*B:(r+1)*B`` of the
+``W * B`` the shared RNG stream draws). The gradients come from ``torch.autograd.grad`` (each loss into its own
+modules), which DDP's reducer does not see, so :meth:`_set_grads` averages them over the ranks itself (one
+``all_reduce`` per update) and a non-finite loss on any rank stops every rank. Evaluation runs on every rank over
+the whole in-memory split: each rank embeds its share of the evaluation batches (batch ``i`` on rank
+``i % W``, the same batches as one process, so the same features) and the batches are gathered back in order.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from datamodules.in_memory import SplitTensors
+from datamodules.in_memory import SplitTensors, rank_and_world
 from models.bigan import (
     BiGANAlexNet,
     ConvEncoder,
@@ -125,6 +133,16 @@ class BiGANModule(L.LightningModule):
     def sample_z(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.prior.sample(n, device=self.device)
 
+    def sample_train_z(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's ``n`` prior samples: every rank draws the ``W * n`` of the global batch from the same RNG
+        stream (seeded alike) and keeps its own rows, so the ranks' streams stay in step and their z differ."""
+        rank, world = rank_and_world()
+        if world == 1:
+            return self.sample_z(n)
+        z, category = self.sample_z(n * world)
+        rows = slice(rank * n, (rank + 1) * n)
+        return z[rows], None if category is None else category[rows]
+
     # -- losses -------------------------------------------------------------------------------------
     def compute_losses(self, x01: torch.Tensor, z: torch.Tensor | None = None, category: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``D``: the discriminator's loss; ``GE``: the loss whose gradients train G and E; plus parts."""
@@ -170,8 +188,10 @@ class BiGANModule(L.LightningModule):
 
     def _check_finite(self, losses: dict[str, torch.Tensor], batch_idx: int) -> None:
         bad = {k: float(v) for k, v in losses.items() if k in ("D", "GE") and not torch.isfinite(v).all()}
-        if not bad:
+        if not _any_rank(bool(bad)):  # every rank stops, or none
             return
+        if not bad:
+            bad = {"on another rank": float("nan")}
         where = f"epoch {self.current_epoch}, batch {batch_idx}"
         keep = last_checkpoint_note(self)
         raise NonFiniteLossError(
@@ -182,6 +202,7 @@ class BiGANModule(L.LightningModule):
     def _set_grads(self, loss: torch.Tensor, names: str, retain: bool) -> None:
         params = self._params(names)
         grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+        grads = _average_over_ranks(grads)
         for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.detach()
 
@@ -195,7 +216,7 @@ class BiGANModule(L.LightningModule):
         trains = self.objective.trains
         for o in opts.values():
             o.zero_grad(set_to_none=True)
-        z, category = self.sample_z(len(x01))
+        z, category = self.sample_train_z(len(x01))
         losses = self.compute_losses(x01, z, category)
         self._check_finite(losses, batch_idx)
         if self.s.update == "alternating" and "D" in losses:
@@ -216,12 +237,14 @@ class BiGANModule(L.LightningModule):
         for name in trains:
             scheds[name].step()
         n = len(x01)
-        self.log("train/loss_ge", losses["GE"].detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        sync = self.trainer.world_size > 1  # the ranks' means, averaged (each rank has its own batches)
+        self.log("train/loss_ge", losses["GE"].detach(), on_step=True, on_epoch=True, prog_bar=True, batch_size=n,
+                 sync_dist=sync)
         for key in ("D", "D_acc", "latent_regression", "recon"):
             if key in losses:
                 name = {"D": "loss_d", "D_acc": "d_acc"}.get(key, key)
                 self.log(f"train/{name}", losses[key].detach(), on_step=key == "D", on_epoch=True,
-                         prog_bar=key == "D", batch_size=n)
+                         prog_bar=key == "D", batch_size=n, sync_dist=sync)
 
     def configure_optimizers(self):
         opts = [self.optimizer_factory(params=decay_param_groups(m)) for m in (self.D, self.G, self.E)]
@@ -243,14 +266,16 @@ class BiGANModule(L.LightningModule):
         x01 = batch[0].float() / 255.0 if batch[0].dtype == torch.uint8 else batch[0]
         x_e, x_g = self.inputs(x01)
         rec = self.G(self.encode(x_e)[1])
-        self.log("val/recon_mse", F.mse_loss(self.to_unit_range(rec), self.to_unit_range(x_g)), batch_size=len(x01))
+        # every rank validates the whole val split (no sampler sharding): the same value on each
+        self.log("val/recon_mse", F.mse_loss(self.to_unit_range(rec), self.to_unit_range(x_g)), batch_size=len(x01),
+                 sync_dist=self.trainer.world_size > 1)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.data or "val" not in self.data:
             return
         t0 = time.perf_counter()
         acc = self.knn1("train", ["val"])
-        self.log("val/knn1_acc", acc, prog_bar=True)
+        self.log("val/knn1_acc", acc, prog_bar=True)  # the same on every rank (the whole split, gathered)
         if self._train_t0 is not None:
             self.log("val/train_seconds", time.perf_counter() - self._train_t0)
         log.info("epoch %d: val/knn1_acc=%.4f (%.1fs)", self.current_epoch, acc, time.perf_counter() - t0)
@@ -290,42 +315,126 @@ class BiGANModule(L.LightningModule):
         reestimate_batchnorm(self.D, self._train_batches(n), d_forward)
         self.E.train(was_e)
 
+    def map_batches(self, split: str | list[str], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn(x01)`` over the evaluation batches of one or more in-memory splits, concatenated in order (on the
+        CPU). Under DDP every rank runs its share (batch ``i`` on rank ``i % W``, the batches one process would
+        run) and gets all of them back: every rank must call this at the same point."""
+        rank, world = rank_and_world()
+        bs = self.eval_batch_size
+        jobs = [(name, start) for name in ([split] if isinstance(split, str) else split)
+                for start in range(0, len(self.data[name]), bs)]
+        local = {}
+        for i, (name, start) in enumerate(jobs):
+            if i % world == rank:
+                x01 = self.data[name].images[start : start + bs].float() / 255.0
+                local[i] = fn(x01.to(self.device)).cpu()
+        parts = _gather_dicts(local, world)
+        return torch.cat([parts[i] for i in range(len(jobs))])
+
     @torch.no_grad()
     def features(self, split: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, labels) of one or more in-memory splits, modules in eval mode, fp32."""
+        """(features, labels) of one or more in-memory splits, modules in eval mode, fp32 (sharded over the
+        ranks under DDP, :meth:`map_batches`)."""
         kind = self.s.features if self.s.features != "auto" else self.objective.features
+        names = [split] if isinstance(split, str) else list(split)
+
+        def embed(x01: torch.Tensor) -> torch.Tensor:
+            x_e, x_g = self.inputs(x01)
+            if kind == "discriminator":
+                z = self.encode(x_e)[1] if self.D.joint else None
+                f = self.D.forward_features(x_g, z)[0]
+            elif kind == "encoder_hidden":
+                f = self.E.forward_features(x_e)[0]
+            else:
+                f = self.E(x_e)
+            return f.float()
+
         was = {m: m.training for m in (self.E, self.G, self.D)}
         for m in was:
             m.eval()
-        feats, labels = [], []
         try:
             with torch.autocast(self.device.type, enabled=False):
-                for name in [split] if isinstance(split, str) else split:
-                    for x01, y in self.data[name].batches(self.eval_batch_size):
-                        x_e, x_g = self.inputs(x01.to(self.device))
-                        if kind == "discriminator":
-                            z = self.encode(x_e)[1] if self.D.joint else None
-                            f = self.D.forward_features(x_g, z)[0]
-                        elif kind == "encoder_hidden":
-                            f = self.E.forward_features(x_e)[0]
-                        else:
-                            f = self.E(x_e)
-                        feats.append(f.float().cpu())
-                        labels.append(y)
+                feats = self.map_batches(names, embed)
         finally:
             for m, t in was.items():
                 m.train(t)
-        return torch.cat(feats), torch.cat(labels)
+        return feats, torch.cat([self.data[name].labels for name in names])
 
     def knn1(self, gallery: str | list[str], queries: list[str]) -> float:
         g, gy = self.features(gallery)
         q, qy = self.features(queries)
-        pred, _ = unsupervised_eval.knn1_predict(g, gy, q, self.s.knn_metric)
+        pred = knn1_predict_sharded(g, gy, q, self.s.knn_metric)
         return float((pred == qy).double().mean())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if getattr(self, "run_config_yaml", None):
             checkpoint["run_config_yaml"] = self.run_config_yaml
+
+
+def _gather_dicts(local: dict, world: int) -> dict:
+    """Every rank's ``{index: value}`` merged, on every rank (``local`` itself on one process)."""
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def knn1_predict_sharded(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: torch.Tensor, metric: str,
+                         chunk: int = 1024) -> torch.Tensor:
+    """``unsupervised_eval.knn1_predict``'s labels for every query; under DDP each rank answers its share of the
+    query chunks (chunk ``c`` on rank ``c % W``, the chunks one process computes, so the same answers) and every
+    rank gets all of them back."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return unsupervised_eval.knn1_predict(gallery, gallery_labels, queries, metric, chunk=chunk)[0]
+    starts = range(0, len(queries), chunk)
+    local = {c: unsupervised_eval.knn1_predict(gallery, gallery_labels, queries[s : s + chunk], metric, chunk=chunk)[0]
+             for c, s in enumerate(starts) if c % world == rank}
+    parts = _gather_dicts(local, world)
+    return torch.cat([parts[c] for c in range(len(starts))])
+
+
+def _any_rank(flag: bool) -> bool:
+    """``flag`` of any rank (one ``all_reduce``): a decision every rank must take alike."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _average_over_ranks(grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    """The gradients averaged over the DDP ranks (one ``all_reduce`` of them flattened); as they are on one
+    process. Which of them are None is the same on every rank (it follows the objective, not the data)."""
+    world = rank_and_world()[1]
+    present = [g for g in grads if g is not None]
+    if world == 1 or not present:
+        return grads
+    import torch.distributed as dist
+
+    flat = torch.cat([g.reshape(-1) for g in present])
+    dist.all_reduce(flat)
+    flat /= world
+    out, offset = [], 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return tuple(out)
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
