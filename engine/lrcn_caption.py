@@ -14,12 +14,20 @@
    the runs of a sweep by ``eval.py report=``), ``captions.png`` (a few test images with their captions; also a W&B
    table when W&B is the logger), from ``transferrable/caption_report.py``.
 
+Under DDP (``hardware=ddp_cpu``, ``trainer.devices=N``) the fit is sharded by Lightning and every rank validates the
+whole val split (the checkpoint's ``val/loss`` is the one-process value on each rank); the generated scenes and the
+feature cache are written before the first trainer call, i.e. by rank 0 alone (Lightning starts the other ranks
+there; they find both complete). After the fit every rank decodes and scores the whole test split with the same
+checkpoint and the same seeded generator (deterministic, so identical on every rank and equal to one process
+evaluating that checkpoint, with no collective that could hang); only rank 0 writes the files.
+
 Bad input never stops the evaluation after training: images without references are left out of the metrics
 (counted), METEOR without Java is NaN with a warning, empty generated captions score as empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -30,6 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.coco_captions import pad_captions
+from engine.ranks import output_dir_of, whole_split_loader
 from transferrable.atomic import atomic_write_json
 from transferrable.caption_eval import MeteorSession, caption_metrics, java_available, retrieval_metrics
 from transferrable.caption_report import caption_model_label, caption_tables, draw_captions, log_captions
@@ -57,7 +66,8 @@ def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
     t0 = time.perf_counter()
     if cfg.get("train", True):
         train_loader = datamodule.pair_loader("train", feats.get("train"), shuffle=True)
-        val_loader = datamodule.pair_loader("val", feats.get("val")) if datamodule.val_pairs else None
+        val_loader = (whole_split_loader(datamodule.pair_loader("val", feats.get("val")), trainer.world_size)
+                      if datamodule.val_pairs else None)
         trainer.fit(model, train_dataloaders=train_loader, val_dataloaders=val_loader, weights_only=True)
         cb = trainer.checkpoint_callback
         if cb is not None and cb.best_model_path:
@@ -223,7 +233,8 @@ def evaluate(cfg: DictConfig, model, datamodule, features: torch.Tensor, decoder
     for key in ("BLEU-4", "CIDEr-D", "ROUGE-L"):
         out[f"test/baseline_frequent/{key}"] = base[key]
     out.update(retrieval(model, features, refs, lrcn.retrieval, use_bf16))
-    write_outputs(lrcn, model, datamodule, generated, per_decoder, base, freq, out, output_dir, trainer)
+    with output_dir_of(trainer, output_dir) if trainer is not None else contextlib.nullcontext(output_dir) as where:
+        write_outputs(lrcn, model, datamodule, generated, per_decoder, base, freq, out, where, trainer)
     return out
 
 

@@ -70,3 +70,20 @@ def output_dir_of(trainer, output_dir: Path) -> Iterator[Path]:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def whole_split_loader(loader, world_size: int):
+    """``loader`` as every rank's loader of the whole split, in order, under DDP (one process: ``loader`` itself).
+
+    Lightning leaves a loader whose sampler is already a ``DistributedSampler`` alone, so one over a single replica
+    (rank 0 of 1: every index once, in order, no padding) gives each rank the same batches as one process sees: a
+    metric computed from them (a validation loss that picks the checkpoint) is the one-process value on every rank,
+    with no collective and no sample counted twice."""
+    if world_size <= 1:
+        return loader
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(loader.dataset, num_replicas=1, rank=0, shuffle=False)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)

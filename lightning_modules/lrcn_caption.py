@@ -43,6 +43,9 @@ class LRCNCaptionModule(L.LightningModule):
         if self.frozen:
             backbone.requires_grad_(False)
             backbone.eval()
+        else:  # the stages after the tap never run: no gradients for them (DDP refuses parameters without one)
+            for name in backbone.tap_names[backbone.tap_names.index(cfg["tap"]) + 1:]:
+                backbone.stages[name].requires_grad_(False)
 
     # -- model ----------------------------------------------------------------------------------
     def build(self, vocab: Vocabulary) -> None:
@@ -62,13 +65,16 @@ class LRCNCaptionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, tokens, _ = batch
         loss = self.decoder.loss(self.image_features(x), tokens)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(tokens))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(tokens),
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, tokens, _ = batch
         loss = self.decoder.loss(self.image_features(x), tokens)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(tokens))
+        # under DDP every rank validates the whole split (engine/ranks.py whole_split_loader): the same value on
+        # each, so the mean over ranks is that value and every rank picks the same best checkpoint
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(tokens), sync_dist=True)
 
     _EVAL_HINT = ("task=lrcn_caption evaluates inside its own run: use `python train.py task=lrcn_caption "
                   "train=false ckpt_path=<checkpoint>` (with the run's overrides)")

@@ -42,12 +42,14 @@ class VideoDescriptionModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, tokens, _ = batch
         loss = self.decoder.loss(x, tokens)
-        self.log("train/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(tokens))
+        self.log("train/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(tokens), sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, tokens, _ = batch
-        self.log("val/loss", self.decoder.loss(x, tokens), on_epoch=True, prog_bar=True, batch_size=len(tokens))
+        # under DDP every rank validates the whole split (engine/ranks.py whole_split_loader): the same value on each
+        self.log("val/loss", self.decoder.loss(x, tokens), on_epoch=True, prog_bar=True, batch_size=len(tokens),
+                 sync_dist=True)
 
     def configure_optimizers(self):
         return self.optimizer_factory(params=self.decoder.parameters())

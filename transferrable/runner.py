@@ -160,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 # the pipelines whose stages are rank-aware (engine/ranks.py): sharded extraction, one writer per output
 DDP_PIPELINES = ("engine.fit_test.run", "engine.decaf.run", "engine.decaf_domain.run", "engine.lrcn_activity.run",
-                 "engine.bigan.run")
+                 "engine.bigan.run", "engine.lrcn_caption.run", "engine.video_description.run")
 
 
 def check_processes(cfg: DictConfig, trainer) -> None:
@@ -171,8 +171,8 @@ def check_processes(cfg: DictConfig, trainer) -> None:
         raise ConfigError(
             f"trainer.devices={cfg.trainer.get('devices')} (x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): "
             f"the {cfg.get('task_name')} pipeline ({target}) runs on one process for now; only fit + test "
-            "(task=classify and single-fit tasks), decaf, decaf_domain and lrcn_activity run under DDP. Use "
-            "trainer.devices=1.")
+            "(task=classify and single-fit tasks), decaf, decaf_domain, lrcn_activity, lrcn_caption, "
+            "lrcn_video_description and bigan run under DDP. Use trainer.devices=1.")
 
 
 def build_pipeline(cfg: DictConfig):
