@@ -30,10 +30,21 @@ train and the held-out val images is reported (``rcnn/finetune/*``). ``analysis`
 Metrics: ``test/mAP`` (VOC2010+ area) and ``test/mAP_07`` (11-point) of the headline variant (the last
 layer of the first scoring, with box regression when enabled), ``test/<variant>/mAP[_07]`` for each row,
 and ``rcnn/time/*`` seconds per test image (proposals / warping / cnn / scoring+nms).
+
+On N DDP processes (``hardware=ddp_cpu trainer.devices=N``, issue 19): proposals and pool5 are computed through
+``trainer.predict`` over the image indices (:func:`sharded_map`: rank r takes images r, r + N, ..., Lightning's
+unpadded sampler), the proposals gathered on every rank, the pool5 rows written by each rank into the one partial
+memmap that rank 0's ``memmap_writer`` opened and rank 0 alone commits (barriers around it; a DDP extraction resumes
+from a killed one-process build but saves no progress of its own); fine-tuning is Lightning's DDP fit (each rank
+its share of the ``iterations`` minibatches, gradients averaged; rank 0 writes the fine-tuned cache). SVM
+training, box regression, scoring, NMS and VOC AP are computed by every rank from the same memmaps (deterministic,
+no collective inside these long CPU stages, so no rank waits at a barrier for hours); rank 0 writes the outputs and
+its metrics are handed to every rank. ``rcnn/time/*`` are then CPU seconds summed over the ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,6 +61,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from engine.ranks import _gather, _initialized, output_dir_of
 from lightning_modules.rcnn import RCNNModule, as_list
 from models.rcnn.bbox_regression import BoxRegressor
 from models.rcnn.detection import detect_boxes
@@ -118,7 +130,9 @@ def finetune_key(trainer, model: RCNNModule, data: ImageSet, mean, std, seed) ->
     return {"version": FINETUNE_CACHE_VERSION, "start": state_digest(model), "finetune": ft_key,
             "epochs": trainer.max_epochs, "seed": seed, "precision": str(trainer.precision),
             "size": model.size, "pad": model.pad, "images": data.ids, "boxes": state_digest_arrays(data.boxes),
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std], **optimizer_key(model)}
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std], **optimizer_key(model),
+            # N DDP processes share each epoch's minibatches and average their gradients: another network
+            **({"world_size": int(trainer.world_size)} if trainer.world_size > 1 else {})}
 
 
 def feature_key(model: RCNNModule, data: ImageSet, weights: str, proposals: str) -> dict:
@@ -178,13 +192,37 @@ def load_split(r: RCNNRun, split_keys: list[str], limit, with_gt: bool, name: st
         items += [ds[i] for i in range(len(ds))]
     if limit:
         items = items[: int(limit)]
-    props = []
-    for it in items:
+    def proposals_of(i: int) -> tuple[np.ndarray, float]:
         t = time.perf_counter()
-        props.append(r.proposals.get(it["image_id"], it["image"]))
-        if timed:
-            r.model.timing["proposals"] += time.perf_counter() - t
-    return ImageSet(name, items, props, with_gt)
+        return r.proposals.get(items[i]["image_id"], items[i]["image"]), time.perf_counter() - t
+
+    done = sharded_map(r, len(items), proposals_of)  # each image's cache file written by the rank computing it
+    if timed and r.trainer.is_global_zero:  # every rank holds every image's seconds: counted once
+        r.model.timing["proposals"] += sum(t for _, t in done)
+    return ImageSet(name, items, [p for p, _ in done], with_gt)
+
+
+def sharded_map(r: RCNNRun, n: int, job: Callable[[int], Any]) -> list:
+    """``[job(i) for i in range(n)]``. Under DDP a ``trainer.predict`` over the indices (the same call on every
+    rank; rank r takes r, r + W, ... through Lightning's unpadded sampler), the answers gathered on every rank."""
+    trainer = r.trainer
+    if trainer.world_size <= 1:
+        return [job(i) for i in range(n)]
+    model = r.model
+    model.predict_job = job
+    try:
+        batches = trainer.predict(model, dataloaders=DataLoader(list(range(n)), batch_size=1, shuffle=False),
+                                  return_predictions=True) or []
+    finally:
+        model.predict_job = None
+    merged: dict[int, Any] = {}
+    parts = _gather({i: v for batch in batches for i, v in batch})
+    for part in parts:
+        merged.update(part)
+    model.stats["images_by_rank"] = [len(p) for p in parts]  # the last sharded call's split of the images
+    if sorted(merged) != list(range(n)):
+        raise RuntimeError(f"rcnn: the ranks answered {len(merged)} of {n} images (limit_predict_batches set?)")
+    return [merged[i] for i in range(n)]
 
 
 def proposal_recall(test: ImageSet) -> float:
@@ -200,7 +238,31 @@ def proposal_recall(test: ImageSet) -> float:
 # -- the whole task ----------------------------------------------------------------------------------------
 def run(cfg: DictConfig, trainer, datamodule, model: RCNNModule) -> dict:
     """The stages of the module docstring, in order; returns the run's metrics."""
-    r = prepare(cfg, trainer, datamodule, model)
+    with output_dir_of(trainer, Path(cfg.paths.output_dir)) as out:  # rank 0: the run's; others: scratch
+        r = prepare(cfg, trainer, datamodule, model)
+        r.output_dir = out
+        metrics = _run(r)
+    if _distributed(trainer):  # every rank returns rank 0's numbers (the same up to its own seconds)
+        metrics = _gather(metrics)[0]
+    return metrics
+
+
+def _distributed(trainer) -> bool:
+    return trainer.world_size > 1 and _initialized()
+
+
+def _sum_over_ranks(trainer, values: dict) -> dict:
+    if not _distributed(trainer):
+        return dict(values)
+    out: dict = {}
+    for part in _gather(dict(values)):
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _run(r: RCNNRun) -> dict:
+    model, trainer, datamodule = r.model, r.trainer, r.datamodule
     rc = model.cfg
     t_all = time.perf_counter()
     log.info("rcnn: proposals (%s) for train/test images", r.proposals.tag)
@@ -218,6 +280,10 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNModule) -> dict:
     model.eval()
     r.digest = state_digest(model)
     pool5_train, pool5_test = feature_stage(r, svm_data, test, info)
+    if trainer.world_size > 1:  # each rank timed its own share of the images
+        summed = _sum_over_ranks(trainer, model.timing)
+        model.timing.clear()
+        model.timing.update(summed)
     variants, t_score = score_stage(r, svm_data, test, pool5_train, pool5_test, info)
     results = evaluate_variants(variants, test, model.num_classes, metrics)
     firsts = [k for k in variants if k.startswith(model.scorings[0] + "/")]
@@ -228,11 +294,12 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNModule) -> dict:
     metrics["rcnn/finetuned"] = bool(finetuned)
     metrics.update(timing_metrics(model.timing, t_score, len(test)))
     metrics["rcnn/total_seconds"] = time.perf_counter() - t_all
-    for k in ("feature_cache_train", "feature_cache_test"):
+    for k in ("feature_cache_train", "feature_cache_test", "pool5_images_by_rank_train", "pool5_images_by_rank_test"):
         if k in model.stats:
             info[k] = model.stats[k]
     info["proposal_cache"] = dict(r.proposals.stats)
-    write_outputs(r, test, pool5_test, variants, results, main, metrics, info, finetuned)
+    if trainer.is_global_zero:
+        write_outputs(r, test, pool5_test, variants, results, main, metrics, info, finetuned)
     return metrics
 
 
@@ -315,11 +382,16 @@ def finetune(trainer, model: RCNNModule, data: ImageSet, mean, std, seed, cache_
             log.info("rcnn: reusing the fine-tuned network %s", path)
             return {**info, **json.loads(saved["info_json"]), "cache": "hit", "cache_path": str(path)}
     model.stats["finetune"] = "trained"
+    # the stages after fc7 never run: no gradients for them (DDP refuses parameters without one; the optimiser
+    # skipped them anyway, so one process trains the same)
+    taps = model.backbone.tap_names
+    for name in taps[taps.index("fc7") + 1:]:
+        model.backbone.stages[name].requires_grad_(False)
     t0 = time.perf_counter()
     trainer.fit(model, train_dataloaders=DataLoader(windows, batch_size=None, shuffle=True))
     info["seconds"] = time.perf_counter() - t0
     info["loss"] = float(trainer.callback_metrics.get("finetune/loss_epoch", float("nan")))
-    if cache is not None:
+    if cache is not None and trainer.is_global_zero:  # one writer: every rank holds the same network
         with cache.writer(path, key) as w:
             torch.save({"state_dict": model.state_dict(), "info_json": json.dumps(info, default=float)}, w.path)
         info["cache_path"] = str(path)
@@ -369,10 +441,11 @@ def feature_stage(r: RCNNRun, svm_data: ImageSet, test: ImageSet, info: dict) ->
     t = time.perf_counter()
     log.info("rcnn: pool5 of %d train and %d test regions (%s)", svm_data.num_regions, test.num_regions,
              model.cfg["feature_mode"])
-    pool5_train = pool5_features(model, svm_data, r.mean, r.std, feat_dir, **kw)
+    extract = partial(pool5_features_sharded, r) if r.trainer.world_size > 1 else partial(pool5_features, model)
+    pool5_train = extract(svm_data, r.mean, r.std, feat_dir, **kw)
     info["train_feature_seconds"] = time.perf_counter() - t
     test_timing_before = dict(model.timing)
-    pool5_test = pool5_features(model, test, r.mean, r.std, feat_dir, **kw)
+    pool5_test = extract(test, r.mean, r.std, feat_dir, **kw)
     if model.stats.get("feature_cache_test") == "hit":
         model.timing.clear()
         model.timing.update(test_timing_before)
@@ -412,6 +485,65 @@ def pool5_features(model: RCNNModule, data: ImageSet, mean, std, cache_dir: Path
         model.stats[f"feature_cache_{data.name}"] = "resumed" if w.start else "miss"
         _extract_pool5(model, data, mean, std, w.array, w.start, w.checkpoint)
     return w.result
+
+
+def pool5_features_sharded(r: RCNNRun, data: ImageSet, mean, std, cache_dir: Path | None, *, weights: str,
+                           proposals: str) -> np.ndarray:
+    """:func:`pool5_features` on N DDP processes: the same entry, its images sharded by rank (:func:`sharded_map`).
+
+    Rank 0 opens the ``memmap_writer`` (resuming where a killed one-process build stopped); after a barrier every
+    rank writes its images' rows into that partial file, flushes, and after a second barrier rank 0 alone commits it
+    (rename + manifest); after a third every rank opens the committed entry read-only. Without a cache directory the
+    rows are gathered instead."""
+    model, trainer = r.model, r.trainer
+    key = feature_key(model, data, weights, proposals)
+    dtype = np.dtype(model.cfg["feature_dtype"])
+    shape = (data.num_regions, model.pool5_dim)
+    model.stats[f"pool5_images_computed_{data.name}"] = 0
+    if cache_dir is None:
+        model.stats[f"feature_cache_{data.name}"] = "miss"
+        parts = sharded_map(r, len(data), lambda i: model.image_pool5(data.images[i], data.boxes[i], mean, std))
+        arr = np.zeros(shape, dtype)
+        for i, rows in enumerate(parts):
+            arr[data.rows(i)] = rows
+        model.stats[f"pool5_images_computed_{data.name}"] = len(data)
+        return arr
+    import torch.distributed as dist
+
+    cache = ArtifactCache(cache_dir, version=CACHE_VERSION, what="pool5 cache", checksum=False, record_key=True,
+                          manifest_name="{stem}.json")
+    path = cache.path_for(key, prefix=f"pool5-{data.name}-", suffix=".dat")
+    rows = cache.open_memmap(path, key, shape, dtype)
+    hits = _gather(rows is not None)  # the proposals' trainer.predict opened the process group
+    if all(hits):
+        model.stats[f"feature_cache_{data.name}"] = "hit"
+        return rows
+    del rows
+    writer = cache.memmap_writer(path, key, shape, dtype) if trainer.is_global_zero else contextlib.nullcontext()
+    with writer as w:
+        start = _gather(w.start if w is not None else None)[0]  # after rank 0 made the partial file
+        if start:
+            log.info("rcnn: pool5 of %s resumes at image %d of %d", data.name, start, len(data))
+        model.stats[f"feature_cache_{data.name}"] = "resumed" if start else "miss"
+        arr = w.array if w is not None else np.memmap(path.with_name(f".{path.stem}.partial"), dtype=dtype,
+                                                      mode="r+", shape=shape)
+
+        def write(i: int) -> None:
+            i += start
+            arr[data.rows(i)] = model.image_pool5(data.images[i], data.boxes[i], mean, std)
+
+        model.eval()
+        done = sharded_map(r, len(data) - start, write)  # the predict call opens the process group if none yet
+        arr.flush()
+        arr = None  # rank 0's writer closes the file when it commits
+        model.stats[f"pool5_images_computed_{data.name}"] = len(done)
+        model.stats[f"pool5_images_by_rank_{data.name}"] = model.stats["images_by_rank"]
+        dist.barrier()  # every rank's rows are in the file before rank 0 commits it
+    dist.barrier()  # committed: the entry and its manifest are in place
+    rows = w.result if w is not None else cache.open_memmap(path, key, shape, dtype)
+    if rows is None:
+        raise RuntimeError(f"rcnn: rank {trainer.global_rank} cannot open the pool5 cache {path} rank 0 committed")
+    return rows
 
 
 def _extract_pool5(model: RCNNModule, data: ImageSet, mean, std, arr: np.ndarray, start: int,

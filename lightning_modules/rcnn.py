@@ -86,6 +86,7 @@ class RCNNModule(L.LightningModule):
         self.pad = scaled_pad(self.size, self.cfg["context_pad"])
         self.timing: dict[str, float] = defaultdict(float)
         self.stats: dict[str, Any] = {}
+        self.predict_job: Callable[[int], Any] | None = None  # set around engine/rcnn.py's sharded trainer.predict
 
     # -- fine-tuning ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +125,16 @@ class RCNNModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         logits, y = self.window_logits(batch)
         loss = nn.functional.cross_entropy(logits, y)
-        self.log("finetune/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("finetune/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True, batch_size=len(y))
+        # sync_dist: under DDP the epoch values are over every rank's windows (one process: no-op)
+        self.log("finetune/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log("finetune/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True,
+                 batch_size=len(y), sync_dist=True)
         return loss
+
+    def predict_step(self, batch, batch_idx):
+        """A pipeline's per-image job run by ``trainer.predict`` over image indices (engine/rcnn.py ``sharded_map``:
+        under DDP each rank takes its share of the images): ``[(i, predict_job(i)), ...]``."""
+        return [(int(i), self.predict_job(int(i))) for i in batch]
 
     def configure_optimizers(self):
         # the fresh (N+1)-way layer learns faster than the pretrained ones (the original's fc8: lr x10)

@@ -104,7 +104,7 @@ def test_a_multi_stage_pipeline_on_two_processes_is_refused_in_one_line(tmp_path
     from transferrable.runner import train
 
     overrides = [o for o in tiny_overrides(fmnist_dir) if not o.startswith(("dataset.data_dir", "dataset.augment"))]
-    cfg = point_paths_at(compose_train([*overrides, "task=rcnn", "backbone.weights=null", "hardware=ddp_cpu",
+    cfg = point_paths_at(compose_train([*overrides, "task=rcnn_segmentation", "backbone.weights=null", "hardware=ddp_cpu",
                                         "trainer.precision=32-true"]), tmp_path)
     with pytest.raises(ConfigError, match=r"trainer.devices=2 .*runs on one process for now"):
         train(cfg)

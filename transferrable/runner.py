@@ -160,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 # the pipelines whose stages are rank-aware (engine/ranks.py): sharded extraction, one writer per output
 DDP_PIPELINES = ("engine.fit_test.run", "engine.decaf.run", "engine.decaf_domain.run", "engine.lrcn_activity.run",
-                 "engine.bigan.run", "engine.lrcn_caption.run", "engine.video_description.run")
+                 "engine.bigan.run", "engine.lrcn_caption.run", "engine.video_description.run", "engine.rcnn.run")
 
 
 def check_processes(cfg: DictConfig, trainer) -> None:
