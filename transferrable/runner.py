@@ -172,7 +172,7 @@ def check_processes(cfg: DictConfig, trainer) -> None:
             f"trainer.devices={cfg.trainer.get('devices')} (x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): "
             f"the {cfg.get('task_name')} pipeline ({target}) runs on one process for now; only fit + test "
             "(task=classify and single-fit tasks), decaf, decaf_domain, lrcn_activity, lrcn_caption, "
-            "lrcn_video_description and bigan run under DDP. Use trainer.devices=1.")
+            "lrcn_video_description, bigan and rcnn run under DDP. Use trainer.devices=1.")
 
 
 def build_pipeline(cfg: DictConfig):
