@@ -205,10 +205,14 @@ def load_split(r: RCNNRun, split_keys: list[str], limit, with_gt: bool, name: st
 def sharded_map(r: RCNNRun, n: int, job: Callable[[int], Any]) -> list:
     """``[job(i) for i in range(n)]``. Under DDP a ``trainer.predict`` over the indices (the same call on every
     rank; rank r takes r, r + W, ... through Lightning's unpadded sampler), the answers gathered on every rank."""
-    trainer = r.trainer
+    return sharded_map_on(r.trainer, r.model, n, job)
+
+
+def sharded_map_on(trainer, model, n: int, job: Callable[[int], Any]) -> list:
+    """:func:`sharded_map` for any module with a ``predict_job`` attribute and ``RCNNModule``'s ``predict_step``
+    (task=rcnn_segmentation's module has both)."""
     if trainer.world_size <= 1:
         return [job(i) for i in range(n)]
-    model = r.model
     model.predict_job = job
     try:
         batches = trainer.predict(model, dataloaders=DataLoader(list(range(n)), batch_size=1, shuffle=False),
