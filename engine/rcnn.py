@@ -447,7 +447,8 @@ def feature_stage(r: RCNNRun, svm_data: ImageSet, test: ImageSet, info: dict) ->
              model.cfg["feature_mode"])
     extract = partial(pool5_features_sharded, r) if r.trainer.world_size > 1 else partial(pool5_features, model)
     pool5_train = extract(svm_data, r.mean, r.std, feat_dir, **kw)
-    info["train_feature_seconds"] = time.perf_counter() - t
+    info["train_feature_seconds"] = time.perf_counter() - t  # wall seconds (under DDP: of the sharded extraction)
+    info["pool5_regions"] = {"train": int(svm_data.num_regions), "test": int(test.num_regions)}
     test_timing_before = dict(model.timing)
     pool5_test = extract(test, r.mean, r.std, feat_dir, **kw)
     if model.stats.get("feature_cache_test") == "hit":
