@@ -205,10 +205,14 @@ def load_split(r: RCNNRun, split_keys: list[str], limit, with_gt: bool, name: st
 def sharded_map(r: RCNNRun, n: int, job: Callable[[int], Any]) -> list:
     """``[job(i) for i in range(n)]``. Under DDP a ``trainer.predict`` over the indices (the same call on every
     rank; rank r takes r, r + W, ... through Lightning's unpadded sampler), the answers gathered on every rank."""
-    trainer = r.trainer
+    return sharded_map_on(r.trainer, r.model, n, job)
+
+
+def sharded_map_on(trainer, model, n: int, job: Callable[[int], Any]) -> list:
+    """:func:`sharded_map` for any module with a ``predict_job`` attribute and ``RCNNModule``'s ``predict_step``
+    (task=rcnn_segmentation's module has both)."""
     if trainer.world_size <= 1:
         return [job(i) for i in range(n)]
-    model = r.model
     model.predict_job = job
     try:
         batches = trainer.predict(model, dataloaders=DataLoader(list(range(n)), batch_size=1, shuffle=False),
@@ -443,7 +447,8 @@ def feature_stage(r: RCNNRun, svm_data: ImageSet, test: ImageSet, info: dict) ->
              model.cfg["feature_mode"])
     extract = partial(pool5_features_sharded, r) if r.trainer.world_size > 1 else partial(pool5_features, model)
     pool5_train = extract(svm_data, r.mean, r.std, feat_dir, **kw)
-    info["train_feature_seconds"] = time.perf_counter() - t
+    info["train_feature_seconds"] = time.perf_counter() - t  # wall seconds (under DDP: of the sharded extraction)
+    info["pool5_regions"] = {"train": int(svm_data.num_regions), "test": int(test.num_regions)}
     test_timing_before = dict(model.timing)
     pool5_test = extract(test, r.mean, r.std, feat_dir, **kw)
     if model.stats.get("feature_cache_test") == "hit":

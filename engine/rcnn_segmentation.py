@@ -28,11 +28,22 @@ with an all-background baseline row; ``transferrable.rcnn_report``), ``segmentat
 ``segmentations.png`` (image | ground truth | prediction of the best variant for a few test images, VOC palette).
 Metrics: ``test/<features>/<layer>/mean_iou``, ``test/mean_iou`` of the variant with the best validation mean IoU
 (``rcnn_segmentation/main``), ``test/background_only/mean_iou``.
+
+On N DDP processes (``hardware=ddp_cpu trainer.devices=N``, issue 19), as task=rcnn (``engine/rcnn.py``): segment
+proposals (and the fine-tuning's window proposals) and region features are computed through ``trainer.predict`` over
+the image indices (``sharded_map_on``: rank r takes images r, r + N, ...; each image's segment cache file written by
+the rank computing it); every rank writes its images' feature rows into the scratch memmaps rank 0 made, and after a
+barrier rank 0 alone saves the feature cache entries (every rank then reads the same rows). The optional detection
+fine-tuning is task=rcnn's DDP fit. The regressors, thresholds and test evaluation are computed by every rank from
+the same features (deterministic; no collective inside these long CPU stages), rank 0 writes the outputs and its
+metrics are handed to every rank.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +51,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from engine.rcnn import finetune
+from engine.ranks import _gather, _initialized, output_dir_of
+from engine.rcnn import finetune, sharded_map_on
 from lightning_modules.rcnn import RCNNModule
 from lightning_modules.rcnn_segmentation import RCNNSegmentationModule
 from models.rcnn.feature_rows import RegionIndex
@@ -88,12 +100,18 @@ class SegSplit(RegionIndex):
 
 # -- the whole task ----------------------------------------------------------------------------------------
 def run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule) -> dict:
-    """The stages of the module docstring, in order; returns the run's metrics."""
+    """The stages of the module docstring, in order; returns the run's metrics (under DDP: rank 0's, on every rank)."""
+    with output_dir_of(trainer, Path(cfg.paths.output_dir)) as out:  # rank 0: the run's; others: scratch
+        metrics = _run(cfg, trainer, datamodule, model, out)
+    if trainer.world_size > 1 and _initialized():
+        metrics = _gather(metrics)[0]
+    return metrics
+
+
+def _run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule, output_dir: Path) -> dict:
     t_all = time.perf_counter()
     sc = model.cfg
     model.use_bf16 = inference_bf16(sc["bf16"], trainer.precision)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     datamodule.setup("fit")
     mean, std = datamodule.mean, datamodule.std
     cache_dir = cfg.paths.get("cache_dir")
@@ -106,7 +124,7 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule) -> 
                              SegmentProposals(**sc["segments"]))
     log.info("rcnn_segmentation: segment proposals (%s) for %s images", seg_cache.tag,
              "/".join(str(len(v)) for v in items.values()))
-    splits = {k: regions(k, v, seg_cache, timing) for k, v in items.items()}
+    splits = {k: regions(k, v, seg_cache, timing, trainer, model) for k, v in items.items()}
     info: dict[str, Any] = {"dataset_summary": getattr(datamodule, "summary", {}),
                             "images": {k: len(v) for k, v in splits.items()},
                             "regions_per_image": {k: float(np.mean(v.counts)) for k, v in splits.items()}}
@@ -121,7 +139,8 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule) -> 
     weights = state_sha256(model.backbone)
     fcache = FeatureCache(cache_root / "features" if cache_root is not None else output_dir / ".features",
                           enabled=cache_root is not None)  # 3. features
-    feats = {k: split_features(model, d, mean, std, fcache, weights, seg_cache.tag, timing) for k, d in splits.items()}
+    feats = {k: split_features(model, d, mean, std, fcache, weights, seg_cache.tag, timing, trainer)
+             for k, d in splits.items()}
     info["feature_cache"] = dict(model.stats)
     variants = fit_variants(model, feats, targets, splits, metrics)  # 4-6. regressors, thresholds, test
     bg = test_baselines(model.num_classes, splits["test"], targets["test"], metrics)
@@ -132,8 +151,9 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule) -> 
     metrics["rcnn_segmentation/total_seconds"] = time.perf_counter() - t_all
     info["timing"] = dict(timing)
     info["segment_cache"] = dict(seg_cache.stats)
-    write_outputs(trainer, datamodule, model, output_dir, splits["test"], variants, bg, main, metrics, info,
-                  seg_cache.proposals.params)
+    if trainer.is_global_zero:
+        write_outputs(trainer, datamodule, model, output_dir, splits["test"], variants, bg, main, metrics, info,
+                      seg_cache.proposals.params)
     return metrics
 
 
@@ -161,12 +181,16 @@ def split_items(datamodule, sc: dict, seed) -> dict[str, list[dict]]:
     return {"train": train, "val": val, "test": read("test", sc["max_test_images"])}
 
 
-def regions(name: str, items: list[dict], cache: SegmentCache, timing: dict) -> SegSplit:
+def regions(name: str, items: list[dict], cache: SegmentCache, timing: dict, trainer=None,
+            model: RCNNSegmentationModule | None = None) -> SegSplit:
     from tqdm import tqdm
 
     t = time.perf_counter()
-    regs = [cache.get(it["image_id"], it["image"]) for it in tqdm(items, desc=f"segments ({name})", unit="img",
-                                                                   leave=False, disable=len(items) < 20)]
+    if trainer is not None and trainer.world_size > 1:  # sharded by image, gathered on every rank
+        regs = sharded_map_on(trainer, model, len(items), lambda i: cache.get(items[i]["image_id"], items[i]["image"]))
+    else:
+        regs = [cache.get(it["image_id"], it["image"]) for it in tqdm(items, desc=f"segments ({name})", unit="img",
+                                                                       leave=False, disable=len(items) < 20)]
     timing[f"segments_{name}"] = time.perf_counter() - t
     return SegSplit(name, items, regs)
 
@@ -203,7 +227,7 @@ def finetune_for_detection(trainer, model: RCNNSegmentationModule, items: list[d
     """Fine-tune ``model``'s backbone as task=rcnn does (a fresh (N+1)-way head around it), boxes from the masks."""
     rcnn = RCNNModule(model.backbone, model.num_classes, cfg=detection_config(model.cfg))
     pc = ProposalCache(None if cache_root is None else cache_root / "proposals" / root_tag, **rcnn.cfg["proposals"])
-    props = [pc.get(it["image_id"], it["image"]) for it in items]
+    props = sharded_map_on(trainer, model, len(items), lambda i: pc.get(items[i]["image_id"], items[i]["image"]))
     info = finetune(trainer, rcnn, ImageSet("train", items, props, True), mean, std, seed,
                     None if cache_root is None else cache_root / "rcnn_finetune")
     model.backbone.eval()
@@ -212,17 +236,15 @@ def finetune_for_detection(trainer, model: RCNNSegmentationModule, items: list[d
 
 # -- 3. features -----------------------------------------------------------------------------------------
 def split_features(model: RCNNSegmentationModule, data: SegSplit, mean, std, cache: FeatureCache, weights: str,
-                   segment_tag: str, timing: dict) -> dict[tuple[str, str], np.ndarray]:
+                   segment_tag: str, timing: dict, trainer=None) -> dict[tuple[str, str], np.ndarray]:
     """Features of every region of ``data`` for the base kinds (full, fg) the variants need, float16,
     cached per (kind, layer)."""
     from tqdm import tqdm
 
-    base = sorted({k for kind in model.kinds for k in kind.split("+")})
-    keys = {(k, layer): {"version": CACHE_VERSION, "weights": weights, "kind": k, "layer": layer,
-                         "segments": segment_tag, "size": model.size, "pad": model.pad,
-                         "ids": digest("\n".join(data.ids)),
-                         "regions": data.num_regions, "bf16": model.use_bf16}
-            for k in base for layer in model.layers}
+    if trainer is not None and trainer.world_size > 1:
+        return split_features_sharded(trainer, model, data, mean, std, cache, weights, segment_tag, timing)
+    base = base_kinds(model)
+    keys = feature_keys(model, data, base, weights, segment_tag)
     out = {k: cache.load(f"rcnnseg-{data.name}-{k[0]}-{k[1]}", key) for k, key in keys.items()}
     if all(v is not None for v in out.values()):
         model.stats[f"feature_cache_{data.name}"] = "hit"
@@ -238,6 +260,69 @@ def split_features(model: RCNNSegmentationModule, data: SegSplit, mean, std, cac
     timing[f"features_{data.name}"] = time.perf_counter() - t
     for k, key in keys.items():
         cache.save(f"rcnnseg-{data.name}-{k[0]}-{k[1]}", key, arrays[k])
+    return arrays
+
+
+def base_kinds(model: RCNNSegmentationModule) -> list[str]:
+    return sorted({k for kind in model.kinds for k in kind.split("+")})
+
+
+def feature_keys(model: RCNNSegmentationModule, data: SegSplit, base: list[str], weights: str,
+                 segment_tag: str) -> dict[tuple[str, str], dict]:
+    return {(k, layer): {"version": CACHE_VERSION, "weights": weights, "kind": k, "layer": layer,
+                         "segments": segment_tag, "size": model.size, "pad": model.pad,
+                         "ids": digest("\n".join(data.ids)),
+                         "regions": data.num_regions, "bf16": model.use_bf16}
+            for k in base for layer in model.layers}
+
+
+def split_features_sharded(trainer, model: RCNNSegmentationModule, data: SegSplit, mean, std, cache: FeatureCache,
+                           weights: str, segment_tag: str, timing: dict) -> dict[tuple[str, str], np.ndarray]:
+    """:func:`split_features` on N DDP processes: the same cache entries, the images sharded by rank.
+
+    Rank 0 makes one scratch memmap per (kind, layer) under the cache root; after a barrier every rank writes its
+    images' rows into them (``sharded_map_on``) and flushes; after a second barrier every rank reads the complete
+    rows and rank 0 alone saves the cache entries; after a third rank 0 removes the scratch files."""
+    import torch.distributed as dist
+
+    base = base_kinds(model)
+    keys = feature_keys(model, data, base, weights, segment_tag)
+    out = {k: cache.load(f"rcnnseg-{data.name}-{k[0]}-{k[1]}", key) for k, key in keys.items()}
+    if all(_gather(all(v is not None for v in out.values()))):  # the segments' trainer.predict opened the group
+        model.stats[f"feature_cache_{data.name}"] = "hit"
+        return out
+    model.stats[f"feature_cache_{data.name}"] = "miss"
+    shapes = {k: (data.num_regions, model.backbone.feature_dim(k[1])) for k in keys}
+    scratch = None
+    if trainer.is_global_zero:
+        cache.root.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".rcnnseg-{data.name}-", dir=cache.root))
+        for n, k in enumerate(keys):
+            np.memmap(scratch / f"{n}.dat", dtype=np.float16, mode="w+", shape=shapes[k]).flush()
+    scratch = Path(_gather(None if scratch is None else str(scratch))[0])  # a barrier: the files exist
+    arrays = {k: np.memmap(scratch / f"{n}.dat", dtype=np.float16, mode="r+", shape=shapes[k])
+              for n, k in enumerate(keys)}
+    model.backbone.eval()
+    t = time.perf_counter()
+
+    def write(i: int) -> None:
+        feats = model.image_features(data.images[i], data.masks(i), data.boxes[i], mean, std, base)
+        for k in keys:
+            arrays[k][data.rows(i)] = feats[k]
+
+    sharded_map_on(trainer, model, len(data), write)
+    model.stats[f"feature_images_by_rank_{data.name}"] = model.stats.get("images_by_rank")
+    for a in arrays.values():
+        a.flush()
+    timing[f"features_{data.name}"] = time.perf_counter() - t  # this rank's share
+    dist.barrier()  # every rank's rows are on disk
+    arrays = {k: np.array(a) for k, a in arrays.items()}  # the complete rows, in memory as one process holds them
+    if trainer.is_global_zero:
+        for k, key in keys.items():
+            cache.save(f"rcnnseg-{data.name}-{k[0]}-{k[1]}", key, arrays[k])
+    dist.barrier()  # every rank has read the scratch files
+    if trainer.is_global_zero:
+        shutil.rmtree(scratch, ignore_errors=True)
     return arrays
 
 

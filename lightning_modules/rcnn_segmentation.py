@@ -12,7 +12,7 @@ are written); built without one (tests, benchmarks) it reads the same YAML, with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -59,6 +59,13 @@ class RCNNSegmentationModule(L.LightningModule):
         self.size = int(backbone.input_size)
         self.pad = scaled_pad(self.size, c["context_pad"])
         self.stats: dict[str, Any] = {}
+        # set around engine/rcnn_segmentation.py's sharded trainer.predict (engine/rcnn.py ``sharded_map_on``)
+        self.predict_job: Callable[[int], Any] | None = None
+
+    def predict_step(self, batch, batch_idx):
+        """A pipeline's per-image job run by ``trainer.predict`` over image indices (under DDP each rank takes its
+        share of the images): ``[(i, predict_job(i)), ...]``."""
+        return [(int(i), self.predict_job(int(i))) for i in batch]
 
     def _autocast(self):
         if self.use_bf16 and self.device.type == "cpu":

@@ -96,17 +96,18 @@ def test_decaf_features_sharded_over_two_processes_give_the_one_process_results(
             np.testing.assert_allclose(two, one, rtol=0, atol=tol)  # same key, same rows in pool order
 
 
-def test_a_multi_stage_pipeline_on_two_processes_is_refused_in_one_line(tmp_path, fmnist_dir):
-    """Until its stages are rank-aware, a multi-stage task under DDP stops before any work, naming the override."""
+def test_a_pipeline_not_written_for_ddp_is_refused_in_one_line(tmp_path, fmnist_dir):
+    """Every task's pipeline now runs under DDP; one outside ``DDP_PIPELINES`` (here a pipeline ``_target_`` that
+    is not rank-aware) stops before any work, naming the override."""
     from conftest import compose_train, point_paths_at, tiny_overrides
 
     from transferrable.errors import ConfigError
     from transferrable.runner import train
 
     overrides = [o for o in tiny_overrides(fmnist_dir) if not o.startswith(("dataset.data_dir", "dataset.augment"))]
-    cfg = point_paths_at(compose_train([*overrides, "task=rcnn_segmentation", "backbone.weights=null", "hardware=ddp_cpu",
-                                        "trainer.precision=32-true"]), tmp_path)
-    with pytest.raises(ConfigError, match=r"trainer.devices=2 .*runs on one process for now"):
+    cfg = point_paths_at(compose_train([*overrides, "task=classify", "pipeline._target_=engine.fit_test.plain_metrics",
+                                        "hardware=ddp_cpu", "trainer.precision=32-true"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 .*\(engine.fit_test.plain_metrics\) runs on one process"):
         train(cfg)
     assert not (tmp_path / "metrics.json").exists()
 

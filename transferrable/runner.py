@@ -160,7 +160,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 # the pipelines whose stages are rank-aware (engine/ranks.py): sharded extraction, one writer per output
 DDP_PIPELINES = ("engine.fit_test.run", "engine.decaf.run", "engine.decaf_domain.run", "engine.lrcn_activity.run",
-                 "engine.bigan.run", "engine.lrcn_caption.run", "engine.video_description.run", "engine.rcnn.run")
+                 "engine.bigan.run", "engine.lrcn_caption.run", "engine.video_description.run", "engine.rcnn.run",
+                 "engine.rcnn_segmentation.run")
 
 
 def check_processes(cfg: DictConfig, trainer) -> None:
@@ -172,7 +173,7 @@ def check_processes(cfg: DictConfig, trainer) -> None:
             f"trainer.devices={cfg.trainer.get('devices')} (x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): "
             f"the {cfg.get('task_name')} pipeline ({target}) runs on one process for now; only fit + test "
             "(task=classify and single-fit tasks), decaf, decaf_domain, lrcn_activity, lrcn_caption, "
-            "lrcn_video_description, bigan and rcnn run under DDP. Use trainer.devices=1.")
+            "lrcn_video_description, bigan, rcnn and rcnn_segmentation run under DDP. Use trainer.devices=1.")
 
 
 def build_pipeline(cfg: DictConfig):
