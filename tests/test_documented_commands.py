@@ -456,7 +456,8 @@ def test_every_task_dataset_pair_instantiates(task, tmp_path):
 def test_rcnn_dataset_settings_live_in_task_dataset_configs():
     """task=rcnn's scene counts and source normalisation apply to the generated scenes only (task_dataset), the
     larger networks' smaller scene sets to scenes x that backbone only (task_backbone_dataset); dataset=voc is
-    conf/dataset/voc.yaml as it is."""
+    conf/dataset/voc.yaml but for the source representation's normalisation (task_dataset/rcnn-voc), which hub
+    weights replace by their own statistics at run time."""
     scenes = compose_train(["task=rcnn"]).dataset
     assert (scenes.n_train, scenes.n_val, scenes.n_test, list(scenes.mean)) == (200, 50, 100, [0.286] * 3)
     GlobalHydra.instance().clear()
@@ -468,5 +469,14 @@ def test_rcnn_dataset_settings_live_in_task_dataset_configs():
         GlobalHydra.instance().clear()
         plain = compose_train(["dataset=voc", f"backbone={backbone}"]).dataset
         GlobalHydra.instance().clear()
-        # the same keys and values; input_size follows ${backbone.input_size}, which task x backbone sets
-        assert OmegaConf.to_container(voc) == OmegaConf.to_container(plain), backbone
+        # the same keys and values but the normalisation; input_size follows ${backbone.input_size}
+        voc, plain = OmegaConf.to_container(voc), OmegaConf.to_container(plain)
+        assert (voc.pop("mean"), voc.pop("std")) == ([0.286] * 3, [0.353] * 3), backbone
+        assert (plain.pop("mean"), plain.pop("std")) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        assert voc == plain, backbone
+    from transferrable.runner import apply_hub_normalisation
+
+    hub = compose_train(["task=rcnn", "dataset=voc", "backbone=alexnet", "backbone.weights=hub"])
+    GlobalHydra.instance().clear()
+    apply_hub_normalisation(hub)
+    assert list(hub.dataset.mean) == [0.485, 0.456, 0.406] and list(hub.dataset.std) == [0.229, 0.224, 0.225]
