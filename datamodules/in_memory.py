@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
 
+from transferrable.distributed import rank_and_world
+
 log = logging.getLogger(__name__)
 
 
@@ -69,15 +71,6 @@ def load_splits(datamodule, size: int, channels: int) -> dict[str, SplitTensors]
             for name, ds in datamodule.splits.items()}
     log.info("in memory: %s (%.1fs)", ", ".join(f"{k} {len(v)}" for k, v in data.items()), time.perf_counter() - t0)
     return data
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, the number of processes) of the initialised process group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class EpochPermutation(Sampler):

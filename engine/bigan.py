@@ -26,11 +26,11 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.bigan_grids import save_bigan_grids
-from datamodules.in_memory import batch_sampler_loader, load_splits, rank_and_world
-from lightning_modules.bigan import knn1_predict_sharded
+from datamodules.in_memory import batch_sampler_loader, load_splits
 from models.bigan import BiGANAlexNet
 from transferrable import unsupervised_eval  # looked up per call (tests spy on knn1_predict)
 from transferrable.atomic import atomic_torch_save, atomic_write_json
+from transferrable.distributed import rank_and_world
 from transferrable.errors import ConfigError
 from transferrable.manifest import warn_rebuild
 
@@ -94,7 +94,7 @@ def evaluate(model, split: str = "test", cache_dir: Path | None = None) -> dict[
     metrics: dict[str, float] = {}
     g, gy = model.features(gallery)
     q, qy = model.features(split)
-    pred = knn1_predict_sharded(g, gy, q, s.knn_metric)
+    pred = unsupervised_eval.knn1_predict_sharded(g, gy, q, s.knn_metric)
     metrics[f"{split}/knn1_acc"] = float((pred == qy).double().mean())
     if s.raw_knn:
         metrics[f"{split}/knn1_raw_acc"] = raw_knn1(model.data, gallery, split, s.knn_metric, cache_dir)
@@ -138,7 +138,7 @@ def raw_knn1(data: dict, gallery: list[str], query: str, metric: str, cache_dir:
     acc = _from_rank0(acc)  # the ranks agree on computing it (or not)
     if acc is not None:
         return acc
-    pred = knn1_predict_sharded(g.float() / 255.0, gy, q.float() / 255.0, metric)
+    pred = unsupervised_eval.knn1_predict_sharded(g.float() / 255.0, gy, q.float() / 255.0, metric)
     if cache is not None:
         atomic_write_json(cache, {"predictions": pred.tolist(), "metric": metric})
     return float((pred == qy).double().mean())

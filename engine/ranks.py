@@ -15,28 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _gather(obj) -> list:
-    import torch.distributed as dist
-
-    if not _initialized():
-        raise RuntimeError("world_size > 1 but no torch.distributed process group is initialized")
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
+from transferrable.distributed import gather_objects, initialized
 
 
 def gather_rows(local: dict[str, np.ndarray], world_size: int) -> dict[str, np.ndarray]:
     """Every rank's predicted rows (``{name: rows of this rank}``) back in dataset order, on every rank."""
     if world_size <= 1:
         return local
-    parts = _gather(local)
+    parts = gather_objects(local)
     out = {}
     for name in local:
         first = parts[0][name]
@@ -51,9 +37,9 @@ def union_in_order(names: list[str], wanted: list[str], world_size: int) -> list
     """The names any rank still needs, in ``names``' order (a cache hit on one rank only must not make the ranks
     disagree about running a ``trainer.predict``). Before the first trainer call there is no process group yet (the
     launcher starts the other ranks then), and no rank has written anything: the ranks agree already."""
-    if world_size <= 1 or not _initialized():
+    if world_size <= 1 or not initialized():
         return wanted
-    needed = set().union(*_gather(list(wanted)))
+    needed = set().union(*gather_objects(list(wanted)))
     return [n for n in names if n in needed]
 
 

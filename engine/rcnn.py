@@ -61,7 +61,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from engine.ranks import _gather, _initialized, output_dir_of
+from engine.ranks import output_dir_of
 from lightning_modules.rcnn import RCNNModule, as_list
 from models.rcnn.bbox_regression import BoxRegressor
 from models.rcnn.detection import detect_boxes
@@ -72,6 +72,7 @@ from models.rcnn.svm import HardNegativeMiner, norm_scale
 from models.rcnn.windows import ImageSet, WindowBatches, window_batches
 from transferrable.artifact_cache import ArtifactCache, digest
 from transferrable.atomic import atomic_write_json
+from transferrable.distributed import gather_objects, initialized
 from transferrable.feature_cache import FeatureCache
 from transferrable.log_results import log_results
 from transferrable.precision import inference_bf16
@@ -220,7 +221,7 @@ def sharded_map_on(trainer, model, n: int, job: Callable[[int], Any]) -> list:
     finally:
         model.predict_job = None
     merged: dict[int, Any] = {}
-    parts = _gather({i: v for batch in batches for i, v in batch})
+    parts = gather_objects({i: v for batch in batches for i, v in batch})
     for part in parts:
         merged.update(part)
     model.stats["images_by_rank"] = [len(p) for p in parts]  # the last sharded call's split of the images
@@ -247,19 +248,19 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNModule) -> dict:
         r.output_dir = out
         metrics = _run(r)
     if _distributed(trainer):  # every rank returns rank 0's numbers (the same up to its own seconds)
-        metrics = _gather(metrics)[0]
+        metrics = gather_objects(metrics)[0]
     return metrics
 
 
 def _distributed(trainer) -> bool:
-    return trainer.world_size > 1 and _initialized()
+    return trainer.world_size > 1 and initialized()
 
 
 def _sum_over_ranks(trainer, values: dict) -> dict:
     if not _distributed(trainer):
         return dict(values)
     out: dict = {}
-    for part in _gather(dict(values)):
+    for part in gather_objects(dict(values)):
         for k, v in part.items():
             out[k] = out.get(k, 0) + v
     return out
@@ -519,14 +520,14 @@ def pool5_features_sharded(r: RCNNRun, data: ImageSet, mean, std, cache_dir: Pat
                           manifest_name="{stem}.json")
     path = cache.path_for(key, prefix=f"pool5-{data.name}-", suffix=".dat")
     rows = cache.open_memmap(path, key, shape, dtype)
-    hits = _gather(rows is not None)  # the proposals' trainer.predict opened the process group
+    hits = gather_objects(rows is not None)  # the proposals' trainer.predict opened the process group
     if all(hits):
         model.stats[f"feature_cache_{data.name}"] = "hit"
         return rows
     del rows
     writer = cache.memmap_writer(path, key, shape, dtype) if trainer.is_global_zero else contextlib.nullcontext()
     with writer as w:
-        start = _gather(w.start if w is not None else None)[0]  # after rank 0 made the partial file
+        start = gather_objects(w.start if w is not None else None)[0]  # after rank 0 made the partial file
         if start:
             log.info("rcnn: pool5 of %s resumes at image %d of %d", data.name, start, len(data))
         model.stats[f"feature_cache_{data.name}"] = "resumed" if start else "miss"

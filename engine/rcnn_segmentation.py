@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from engine.ranks import _gather, _initialized, output_dir_of
+from engine.ranks import output_dir_of
 from engine.rcnn import finetune, sharded_map_on
 from lightning_modules.rcnn import RCNNModule
 from lightning_modules.rcnn_segmentation import RCNNSegmentationModule
@@ -63,6 +63,7 @@ from models.rcnn.svm import norm_scale
 from models.rcnn.windows import ImageSet
 from transferrable.artifact_cache import digest
 from transferrable.atomic import atomic_write_json
+from transferrable.distributed import gather_objects, initialized
 from transferrable.errors import ConfigError
 from transferrable.feature_cache import FeatureCache, state_sha256
 from transferrable.log_results import log_results
@@ -103,8 +104,8 @@ def run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule) -> 
     """The stages of the module docstring, in order; returns the run's metrics (under DDP: rank 0's, on every rank)."""
     with output_dir_of(trainer, Path(cfg.paths.output_dir)) as out:  # rank 0: the run's; others: scratch
         metrics = _run(cfg, trainer, datamodule, model, out)
-    if trainer.world_size > 1 and _initialized():
-        metrics = _gather(metrics)[0]
+    if trainer.world_size > 1 and initialized():
+        metrics = gather_objects(metrics)[0]
     return metrics
 
 
@@ -288,7 +289,7 @@ def split_features_sharded(trainer, model: RCNNSegmentationModule, data: SegSpli
     base = base_kinds(model)
     keys = feature_keys(model, data, base, weights, segment_tag)
     out = {k: cache.load(f"rcnnseg-{data.name}-{k[0]}-{k[1]}", key) for k, key in keys.items()}
-    if all(_gather(all(v is not None for v in out.values()))):  # the segments' trainer.predict opened the group
+    if all(gather_objects(all(v is not None for v in out.values()))):  # the segments' trainer.predict opened the group
         model.stats[f"feature_cache_{data.name}"] = "hit"
         return out
     model.stats[f"feature_cache_{data.name}"] = "miss"
@@ -299,7 +300,7 @@ def split_features_sharded(trainer, model: RCNNSegmentationModule, data: SegSpli
         scratch = Path(tempfile.mkdtemp(prefix=f".rcnnseg-{data.name}-", dir=cache.root))
         for n, k in enumerate(keys):
             np.memmap(scratch / f"{n}.dat", dtype=np.float16, mode="w+", shape=shapes[k]).flush()
-    scratch = Path(_gather(None if scratch is None else str(scratch))[0])  # a barrier: the files exist
+    scratch = Path(gather_objects(None if scratch is None else str(scratch))[0])  # a barrier: the files exist
     arrays = {k: np.memmap(scratch / f"{n}.dat", dtype=np.float16, mode="r+", shape=shapes[k])
               for n, k in enumerate(keys)}
     model.backbone.eval()

@@ -16,13 +16,9 @@ Validation: BN statistics re-estimated on training data first (like the original
 (``self.data``, filled by ``engine/bigan.py``, which also runs the end-of-training evaluation: test 1-NN, raw-pixel
 1-NN, linear probe, clustering, the final sample grids and the encoder export).
 
-Under DDP (``hardware=ddp_cpu``, ``multi_gpu``) each rank trains on its shard of every epoch
-(``datamodules/in_memory.py``) with its own prior samples (rank ``r`` takes rows ``r*B:(r+1)*B`` of the
-``W * B`` the shared RNG stream draws). The gradients come from ``torch.autograd.grad`` (each loss into its own
-modules), which DDP's reducer does not see, so :meth:`_set_grads` averages them over the ranks itself (one
-``all_reduce`` per update) and a non-finite loss on any rank stops every rank. Evaluation runs on every rank over
-the whole in-memory split: each rank embeds its share of the evaluation batches (batch ``i`` on rank
-``i % W``, the same batches as one process, so the same features) and the batches are gathered back in order.
+Under DDP each rank trains on its shard of every epoch with its own rows of the shared prior stream; gradients
+from ``torch.autograd.grad`` (unseen by DDP's reducer) are averaged over the ranks in :meth:`_set_grads`, and
+evaluation embeds the same batches as one process, shared over the ranks (``transferrable/distributed.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from datamodules.in_memory import SplitTensors, rank_and_world
+from datamodules.in_memory import SplitTensors
 from models.bigan import (
     BiGANAlexNet,
     ConvEncoder,
@@ -48,10 +44,10 @@ from models.bigan import (
     MLPDiscriminator,
     MLPEncoder,
     MLPGenerator,
-    reestimate_batchnorm,
 )
-from models.bigan_training import OBJECTIVES, BiGANSettings, decay_param_groups
+from models.bigan_training import OBJECTIVES, BiGANSettings, decay_param_groups, reestimate_bigan_bn
 from transferrable import unsupervised_eval  # looked up per call (tests spy on knn1_predict)
+from transferrable.distributed import any_rank, average_over_ranks, map_shards, rank_and_world
 from transferrable.errors import ConfigError, NonFiniteLossError, last_checkpoint_note
 
 log = logging.getLogger(__name__)
@@ -188,7 +184,7 @@ class BiGANModule(L.LightningModule):
 
     def _check_finite(self, losses: dict[str, torch.Tensor], batch_idx: int) -> None:
         bad = {k: float(v) for k, v in losses.items() if k in ("D", "GE") and not torch.isfinite(v).all()}
-        if not _any_rank(bool(bad)):  # every rank stops, or none
+        if not any_rank(bool(bad)):  # every rank stops, or none
             return
         if not bad:
             bad = {"on another rank": float("nan")}
@@ -202,7 +198,7 @@ class BiGANModule(L.LightningModule):
     def _set_grads(self, loss: torch.Tensor, names: str, retain: bool) -> None:
         params = self._params(names)
         grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-        grads = _average_over_ranks(grads)
+        grads = average_over_ranks(grads)
         for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.detach()
 
@@ -281,55 +277,24 @@ class BiGANModule(L.LightningModule):
         log.info("epoch %d: val/knn1_acc=%.4f (%.1fs)", self.current_epoch, acc, time.perf_counter() - t0)
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def _train_batches(self, n_batches: int, batch_size: int = 128):
-        split = self.data["train"]
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        idx = torch.randperm(len(split), generator=gen)
-        for b in range(min(n_batches, max(1, len(split) // batch_size))):
-            take = idx[b * batch_size : (b + 1) * batch_size]
-            if len(take) < 2:
-                break
-            yield split.images[take].float().to(self.device) / 255.0
-
     @torch.no_grad()
     def reestimate_bn(self) -> None:
-        """Population BN statistics for E, G and D from ``bigan.bn_batches`` training batches (and as many
-        prior samples for G), instead of the running averages seen during training."""
-        n = self.s.bn_batches
-        reestimate_batchnorm(self.E, self._train_batches(n), lambda x: self.E(self.inputs(x)[0]))
-        # prior samples from a private generator: evaluation must not move the training's global RNG stream (a
-        # run resumed from an epoch-end checkpoint would otherwise draw other z than an uninterrupted one)
-        gen = torch.Generator(device=self.device).manual_seed(self.seed + 2)
-        reestimate_batchnorm(self.G, (self.prior.sample(128, generator=gen, device=self.device)[0] for _ in range(n)),
-                             self.G)
-
-        def d_forward(x01):
-            x_e, x_g = self.inputs(x01)
-            if self.D.joint:
-                self.D(x_g, self.encode(x_e)[1])
-            else:
-                self.D(x_g)
-
-        was_e = self.E.training
-        self.E.eval()
-        reestimate_batchnorm(self.D, self._train_batches(n), d_forward)
-        self.E.train(was_e)
+        """Population BN statistics for E, G and D (``models/bigan_training.py``), before evaluation."""
+        reestimate_bigan_bn(self)
 
     def map_batches(self, split: str | list[str], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``fn(x01)`` over the evaluation batches of one or more in-memory splits, concatenated in order (on the
         CPU). Under DDP every rank runs its share (batch ``i`` on rank ``i % W``, the batches one process would
         run) and gets all of them back: every rank must call this at the same point."""
-        rank, world = rank_and_world()
         bs = self.eval_batch_size
         jobs = [(name, start) for name in ([split] if isinstance(split, str) else split)
                 for start in range(0, len(self.data[name]), bs)]
-        local = {}
-        for i, (name, start) in enumerate(jobs):
-            if i % world == rank:
-                x01 = self.data[name].images[start : start + bs].float() / 255.0
-                local[i] = fn(x01.to(self.device)).cpu()
-        parts = _gather_dicts(local, world)
-        return torch.cat([parts[i] for i in range(len(jobs))])
+
+        def run(job):
+            name, start = job
+            return fn((self.data[name].images[start : start + bs].float() / 255.0).to(self.device)).cpu()
+
+        return torch.cat(map_shards(jobs, run))
 
     @torch.no_grad()
     def features(self, split: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,78 +328,12 @@ class BiGANModule(L.LightningModule):
     def knn1(self, gallery: str | list[str], queries: list[str]) -> float:
         g, gy = self.features(gallery)
         q, qy = self.features(queries)
-        pred = knn1_predict_sharded(g, gy, q, self.s.knn_metric)
+        pred = unsupervised_eval.knn1_predict_sharded(g, gy, q, self.s.knn_metric)
         return float((pred == qy).double().mean())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if getattr(self, "run_config_yaml", None):
             checkpoint["run_config_yaml"] = self.run_config_yaml
-
-
-def _gather_dicts(local: dict, world: int) -> dict:
-    """Every rank's ``{index: value}`` merged, on every rank (``local`` itself on one process)."""
-    if world == 1:
-        return local
-    import torch.distributed as dist
-
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
-    return {k: v for part in parts for k, v in part.items()}
-
-
-def knn1_predict_sharded(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: torch.Tensor, metric: str,
-                         chunk: int = 1024) -> torch.Tensor:
-    """``unsupervised_eval.knn1_predict``'s labels for every query; under DDP each rank answers its share of the
-    query chunks (chunk ``c`` on rank ``c % W``, the chunks one process computes, so the same answers) and every
-    rank gets all of them back."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return unsupervised_eval.knn1_predict(gallery, gallery_labels, queries, metric, chunk=chunk)[0]
-    starts = range(0, len(queries), chunk)
-    local = {c: unsupervised_eval.knn1_predict(gallery, gallery_labels, queries[s : s + chunk], metric, chunk=chunk)[0]
-             for c, s in enumerate(starts) if c % world == rank}
-    parts = _gather_dicts(local, world)
-    return torch.cat([parts[c] for c in range(len(starts))])
-
-
-def _any_rank(flag: bool) -> bool:
-    """``flag`` of any rank (one ``all_reduce``): a decision every rank must take alike."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _average_over_ranks(grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
-    """The gradients averaged over the DDP ranks (one ``all_reduce`` of them flattened); as they are on one
-    process. Which of them are None is the same on every rank (it follows the objective, not the data)."""
-    world = rank_and_world()[1]
-    present = [g for g in grads if g is not None]
-    if world == 1 or not present:
-        return grads
-    import torch.distributed as dist
-
-    flat = torch.cat([g.reshape(-1) for g in present])
-    dist.all_reduce(flat)
-    flat /= world
-    out, offset = [], 0
-    for g in grads:
-        if g is None:
-            out.append(None)
-            continue
-        out.append(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return tuple(out)
-
-
-def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,12 +18,12 @@ from collections.abc import Callable
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
 from models.backbones import TapBackbone
 from models.lrcn import LRCN, clip_starts
+from transferrable.distributed import gather_dicts
 from transferrable.lrcn_scores import per_class_accuracy
 
 log = logging.getLogger(__name__)
@@ -111,19 +111,11 @@ class LRCNActivityModule(L.LightningModule):
     def collect_scores(self, split: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(per-video scores, labels, dataset indices) of the videos of ``split`` scored in its last epoch."""
         ds = self.trainer.datamodule.splits[split]
-        store = self._gathered(self._scores.get(split, {}))
+        # under DDP every rank scored its shard: every rank gets them all (keyed by index: padding counts once)
+        store = gather_dicts(self._scores.get(split, {}))
         order = sorted(store)
         scores = torch.stack([store[i] for i in order]).numpy() if order else np.zeros((0, 0))
         return scores, ds.labels[order], order
-
-    def _gathered(self, store: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Under DDP every rank scored its shard of the videos: every rank gets them all. Keyed by dataset index,
-        so the videos DistributedSampler repeats to even out the shards count once."""
-        if self.trainer.world_size <= 1 or not dist.is_initialized():
-            return store
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, store)
-        return {i: score for part in parts for i, score in part.items()}
 
     def on_validation_epoch_end(self):
         scores, labels, _ = self.collect_scores("val")

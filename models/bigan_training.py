@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models.bigan import reestimate_batchnorm
 from transferrable.errors import ConfigError
 
 
@@ -145,3 +146,40 @@ def halfway_exponential_decay(optimizer: torch.optim.Optimizer, total_steps: int
     """The per-step schedule of one optimiser: its learning rate down to ``final_lr`` over ``total_steps``."""
     ratio = float(final_lr) / float(optimizer.defaults["lr"])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, HalfwayExponentialDecay(total_steps, ratio, decay_start))
+
+
+def _train_batches(module, n_batches: int, batch_size: int = 128):
+    """Up to ``n_batches`` shuffled training batches of ``module.data["train"]`` in [0, 1] (a private generator)."""
+    split = module.data["train"]
+    gen = torch.Generator().manual_seed(module.seed + 1)
+    idx = torch.randperm(len(split), generator=gen)
+    for b in range(min(n_batches, max(1, len(split) // batch_size))):
+        take = idx[b * batch_size : (b + 1) * batch_size]
+        if len(take) < 2:
+            break
+        yield split.images[take].float().to(module.device) / 255.0
+
+
+@torch.no_grad()
+def reestimate_bigan_bn(module) -> None:
+    """Population BN statistics for a BiGAN module's E, G and D from ``bigan.bn_batches`` training batches (and as
+    many prior samples for G), instead of the running averages seen during training."""
+    n = module.s.bn_batches
+    reestimate_batchnorm(module.E, _train_batches(module, n), lambda x: module.E(module.inputs(x)[0]))
+    # prior samples from a private generator: evaluation must not move the training's global RNG stream (a
+    # run resumed from an epoch-end checkpoint would otherwise draw other z than an uninterrupted one)
+    gen = torch.Generator(device=module.device).manual_seed(module.seed + 2)
+    reestimate_batchnorm(module.G, (module.prior.sample(128, generator=gen, device=module.device)[0] for _ in range(n)),
+                         module.G)
+
+    def d_forward(x01):
+        x_e, x_g = module.inputs(x01)
+        if module.D.joint:
+            module.D(x_g, module.encode(x_e)[1])
+        else:
+            module.D(x_g)
+
+    was_e = module.E.training
+    module.E.eval()
+    reestimate_batchnorm(module.D, _train_batches(module, n), d_forward)
+    module.E.train(was_e)

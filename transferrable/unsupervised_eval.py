@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from transferrable.distributed import map_shards, rank_and_world
+
 
 @torch.no_grad()
 def knn1_predict(
@@ -105,3 +107,14 @@ def cluster_nmi(clusters, labels) -> float:
     from sklearn.metrics import normalized_mutual_info_score
 
     return float(normalized_mutual_info_score(np.asarray(labels), np.asarray(clusters)))
+
+
+def knn1_predict_sharded(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: torch.Tensor, metric: str,
+                         chunk: int = 1024) -> torch.Tensor:
+    """``knn1_predict``'s labels for every query; under DDP each rank answers its share of the query chunks (the
+    chunks one process computes, so the same answers) and every rank gets them all (``distributed.map_shards``)."""
+    if rank_and_world()[1] == 1:
+        return knn1_predict(gallery, gallery_labels, queries, metric, chunk=chunk)[0]
+    starts = list(range(0, len(queries), chunk))
+    return torch.cat(map_shards(starts, lambda s: knn1_predict(gallery, gallery_labels, queries[s : s + chunk],
+                                                                 metric, chunk=chunk)[0]))
