@@ -118,6 +118,25 @@ def strip_common_prefix(names: Sequence[str]) -> dict[str, str]:
     return {n: "/".join(p[k:]) for n, p in zip(names, parts, strict=True)}
 
 
+def decode_images(paths: Sequence[str], what: str = "images") -> np.ndarray:
+    """Every file decoded (RGB uint8) into one N x H x W x 3 array; images of other sizes than the first are
+    resized to it (bilinear, as the per-file path resizes)."""
+    import cv2
+    from tqdm import tqdm
+
+    from datamodules.base import read_image, to_rgb
+
+    first = to_rgb(read_image(paths[0])) if paths else np.zeros((1, 1, 3), np.uint8)
+    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    for i, path in enumerate(tqdm(paths, desc=f"decoding {what}", unit="img", mininterval=2.0,
+                                  disable=len(paths) < 20000)):
+        img = to_rgb(read_image(path))
+        if img.shape != first.shape:
+            img = cv2.resize(img, (first.shape[1], first.shape[0]), interpolation=cv2.INTER_LINEAR)
+        out[i] = img
+    return out
+
+
 def per_class_split(labels: np.ndarray, n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, test): ``n_train`` random images of each class for training, the rest for test."""
     rng = np.random.default_rng(seed)
@@ -139,9 +158,13 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         exclude_classes: Sequence[str] | None = None,
         train_per_class: int | None = None,
         test_fraction: float = 0.2,
+        in_memory: bool = False,
         **kwargs,
     ):
         super().__init__(data_dir=data_dir, **kwargs)
+        # decode every image once into a uint8 array (small images: 32-64 px trees such as the generated worlds);
+        # batches are then transformed as tensors (datamodules.base.BatchTensorTransform), not one file at a time
+        self.in_memory = bool(in_memory)
         self.classes = None if classes is None else [str(c) for c in classes]
         self.exclude_classes = [str(c) for c in (exclude_classes or [])]
         self.train_per_class = None if train_per_class is None else int(train_per_class)
@@ -255,6 +278,12 @@ class ImageFolderDataModule(ImageClassificationDataModule):
 
     # -- splits ---------------------------------------------------------------------------------
     def load_splits(self):
+        splits = self._load_paths()
+        if not self.in_memory:
+            return splits
+        return {s: (decode_images(paths, f"{self.name} {s}"), labels) for s, (paths, labels) in splits.items()}
+
+    def _load_paths(self):
         names, per_split = self._scan()
         if self.layout == "split":
             out = {s: self._gather(found, names) for s, found in per_split.items()}

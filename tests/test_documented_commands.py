@@ -263,7 +263,8 @@ def data_root(tmp_path_factory, fmnist_dir) -> Path:
 # ------------------------------------------------------------------------------------------------------------
 REAL_LAYOUTS = {"voc", "voc_segmentation", "coco_captions", "flickr30k", "ucf101", "imagefolder", "mnist",
                 "fashion_mnist", "digits"}
-GENERATED = {"scenes", "scenes_segmentation", "scene_captions", "moving_objects", "video_tuples"}
+GENERATED = {"scenes", "scenes_segmentation", "scene_captions", "moving_objects", "video_tuples", "fractalnet",
+             "fractalnet100", "fractal_caltech", "fractal_office"}
 OFFLINE_IMPOSSIBLE = [("backbone.weights=hub", "hub weights need the internet"),
                       ("hardware=gpu", "needs a GPU"), ("hardware=multi_gpu", "needs GPUs"),
                       ("hardware=slurm", "needs SLURM")]
@@ -454,12 +455,14 @@ def test_every_task_dataset_pair_instantiates(task, tmp_path):
 
 
 def test_rcnn_dataset_settings_live_in_task_dataset_configs():
-    """task=rcnn's scene counts and source normalisation apply to the generated scenes only (task_dataset), the
-    larger networks' smaller scene sets to scenes x that backbone only (task_backbone_dataset); dataset=voc is
-    conf/dataset/voc.yaml but for the source representation's normalisation (task_dataset/rcnn-voc), which hub
-    weights replace by their own statistics at run time."""
+    """task=rcnn's scene counts apply to the generated scenes only (task_dataset), the larger networks' smaller scene
+    sets to scenes x that backbone only (task_backbone_dataset); dataset=voc is conf/dataset/voc.yaml as it is. At
+    run time the inputs are normalised as the weights were trained: a source:<dataset> representation's dataset
+    statistics, or the hub weights' own."""
+    from transferrable.runner import apply_hub_normalisation, apply_source_normalisation
+
     scenes = compose_train(["task=rcnn"]).dataset
-    assert (scenes.n_train, scenes.n_val, scenes.n_test, list(scenes.mean)) == (200, 50, 100, [0.286] * 3)
+    assert (scenes.n_train, scenes.n_val, scenes.n_test) == (200, 50, 100)
     GlobalHydra.instance().clear()
     vgg = compose_train(["task=rcnn", "backbone=vgg16"]).dataset
     assert (vgg.n_train, vgg.n_val, vgg.n_test) == (100, 20, 50)
@@ -469,14 +472,16 @@ def test_rcnn_dataset_settings_live_in_task_dataset_configs():
         GlobalHydra.instance().clear()
         plain = compose_train(["dataset=voc", f"backbone={backbone}"]).dataset
         GlobalHydra.instance().clear()
-        # the same keys and values but the normalisation; input_size follows ${backbone.input_size}
-        voc, plain = OmegaConf.to_container(voc), OmegaConf.to_container(plain)
-        assert (voc.pop("mean"), voc.pop("std")) == ([0.286] * 3, [0.353] * 3), backbone
-        assert (plain.pop("mean"), plain.pop("std")) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-        assert voc == plain, backbone
-    from transferrable.runner import apply_hub_normalisation
-
+        assert OmegaConf.to_container(voc) == OmegaConf.to_container(plain), backbone
+    for source_dataset in ("fashion_mnist", "fractalnet"):
+        cfg = compose_train(["task=rcnn", "dataset=voc", f"source_dataset={source_dataset}"])
+        GlobalHydra.instance().clear()
+        apply_source_normalisation(cfg)
+        stats = compose_train([f"dataset={source_dataset}"]).dataset
+        GlobalHydra.instance().clear()
+        assert (list(cfg.dataset.mean), list(cfg.dataset.std)) == (list(stats.mean), list(stats.std))
     hub = compose_train(["task=rcnn", "dataset=voc", "backbone=alexnet", "backbone.weights=hub"])
     GlobalHydra.instance().clear()
     apply_hub_normalisation(hub)
+    apply_source_normalisation(hub)  # not a source: nothing changes
     assert list(hub.dataset.mean) == [0.485, 0.456, 0.406] and list(hub.dataset.std) == [0.229, 0.224, 0.225]

@@ -212,6 +212,7 @@ DATASET_RULES: dict[str, Rule] = {
     "scene_seed": SEED,
     "caption_seed": SEED,
     "motion_seed": SEED,
+    "world_seed": SEED,
     "mean": ListOf(Num(0, 1), length=3),
     "std": ListOf(POSITIVE, length=3),
     "augment": OneOf(*AUGMENTS),
@@ -235,6 +236,14 @@ DATASET_RULES: dict[str, Rule] = {
     "references": COUNT,
     "signal": NONNEG,
     "confusion": PROB,
+    # the generated fractal world (datamodules/fractal_generator.py)
+    "role": OneOf("imagenet", "caltech", "office"),
+    "category_set": OneOf("source", "validation", "caltech", "office", nullable=True),
+    "domain": OneOf("amazon", "webcam", "dslr", nullable=True),
+    "n_classes": Int(2),
+    "images_per_class": Int(2),
+    "val_per_class": Int(0),
+    "in_memory": Bool(),
     # videos
     "split": OneOf(1, 2, 3),
     "modality": OneOf("rgb", "flow"),
