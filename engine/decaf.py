@@ -56,7 +56,7 @@ from engine.ranks import gather_rows, output_dir_of, union_in_order
 from lightning_modules.decaf import RANDOM_PREFIX, DecafModule
 from models.backbones import TapBackbone
 from models.linear_classifiers import ClassifierSpec, FeatureDropout, fit_cross_validated, mean_class_accuracy
-from models.weights import is_hub_spec
+from models.weights import fold_grayscale_source, is_hub_spec
 from transferrable.atomic import atomic_write_json
 from transferrable.decaf_report import (
     feature_label,
@@ -432,10 +432,20 @@ def tsne_stage(p: Protocol, extractor: FeatureExtractor, trainer, parts: Sequenc
 
 
 # -- the pipeline -------------------------------------------------------------------------------
+def fold_conv1_for_grayscale_source(model: DecafModule, setting) -> None:
+    """A source learnt on grayscale images never trained conv1's colour components: fold them away (as R-CNN does,
+    ``models.weights.fold_grayscale_source``) so a colour target is seen as its channel mean, not through noise."""
+    removed = fold_grayscale_source(model.backbone, setting)
+    if removed is not None:
+        log.info("decaf: grayscale source (%s): conv1 folded to colour-blind filters (%.0f%% of its weight norm was "
+                 "untrained colour noise)", getattr(model.backbone, "source_dataset", "?"), 100 * removed)
+
+
 def run(cfg: DictConfig, trainer, datamodule, model: DecafModule) -> dict:
     """Pool, extract (cached), fit the linear classifiers over the splits, then tables, plots and t-SNE."""
     p = Protocol.from_cfg(cfg.decaf, model)
     model.use_bf16 = inference_bf16(cfg.decaf.bf16, trainer.precision)
+    fold_conv1_for_grayscale_source(model, cfg.decaf.get("grayscale_source", "auto"))
     with output_dir_of(trainer, Path(cfg.paths.output_dir)) as output_dir:
         return _run(p, cfg, trainer, datamodule, model, output_dir)
 

@@ -40,7 +40,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from datamodules.image_pool import Pool, build_pool, per_class_draw
-from engine.decaf import FeatureExtractor, Protocol, extraction_metrics, limit_threads, plain, tsne_stage
+from engine.decaf import (
+    FeatureExtractor,
+    Protocol,
+    extraction_metrics,
+    fold_conv1_for_grayscale_source,
+    limit_threads,
+    plain,
+    tsne_stage,
+)
 from engine.ranks import output_dir_of
 from lightning_modules.decaf import DecafModule
 from models.linear_classifiers import (
@@ -238,6 +246,7 @@ def run(cfg: DictConfig, trainer, datamodule, model: DecafModule) -> dict:
     p = Protocol.from_cfg(cfg.decaf, model, check_main=False)
     dom = DomainProtocol.from_cfg(cfg.decaf_domain, p)
     model.use_bf16 = inference_bf16(cfg.decaf.bf16, trainer.precision)  # null: the run's precision, as task=decaf
+    fold_conv1_for_grayscale_source(model, cfg.decaf.get("grayscale_source", "auto"))
     with output_dir_of(trainer, Path(cfg.paths.output_dir)) as output_dir:  # under DDP, rank 0 keeps the outputs
         return _run(p, dom, cfg, trainer, datamodule, model, output_dir)
 

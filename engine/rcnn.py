@@ -23,7 +23,7 @@
    (``tables.json``), ``rcnn_results.json``, detections drawn on test images (``detections.png``).
 
 Before fine-tuning, ``grayscale_source`` folds conv1's untrained colour components (a source learnt on
-grayscale images, ``models.rcnn.regions.fold_conv1_colour``); afterwards the head's accuracy on windows of the
+grayscale images, ``models.weights.fold_conv1_colour``); afterwards the head's accuracy on windows of the
 train and the held-out val images is reported (``rcnn/finetune/*``). ``analysis`` adds ``pool5_units.png``
 (Figure 3.4) and ``fp_breakdown.png`` (Figure 3.5); tables and figures are ``transferrable.rcnn_report``'s.
 
@@ -67,9 +67,10 @@ from models.rcnn.bbox_regression import BoxRegressor
 from models.rcnn.detection import detect_boxes
 from models.rcnn.feature_rows import ChunkedRows
 from models.rcnn.proposals import ProposalCache
-from models.rcnn.regions import assign_labels, class_max_iou, fold_conv1_colour
+from models.rcnn.regions import assign_labels, class_max_iou
 from models.rcnn.svm import HardNegativeMiner, norm_scale
 from models.rcnn.windows import ImageSet, WindowBatches, window_batches
+from models.weights import fold_grayscale_source
 from transferrable.artifact_cache import ArtifactCache, digest
 from transferrable.atomic import atomic_write_json
 from transferrable.distributed import gather_objects, initialized
@@ -324,8 +325,9 @@ def backbone_trainable(model: RCNNModule) -> bool:
 def finetune_stage(r: RCNNRun, train: ImageSet, test: ImageSet, metrics: dict, info: dict) -> bool:
     """Fine-tune when anything uses it (a trainable backbone, or softmax scoring); True if the backbone trains."""
     model, rc = r.model, r.model.cfg
-    if rc["grayscale_source"]:
-        info["conv1_colour_removed"] = fold_conv1_colour(model.backbone)
+    removed = fold_grayscale_source(model.backbone, rc["grayscale_source"])
+    if removed is not None:
+        info["conv1_colour_removed"] = removed
         log.info("rcnn: grayscale source: conv1 folded to colour-blind filters (%.0f%% of its weight norm "
                  "was untrained colour noise)", 100 * info["conv1_colour_removed"])
     finetuned = backbone_trainable(model)

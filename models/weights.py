@@ -232,8 +232,19 @@ def backbone_state_from_file(path: str | Path) -> tuple[dict[str, torch.Tensor],
     return blob, arch
 
 
+# source datasets of grayscale images (replicated to RGB): a representation learnt on them never trained conv1's colour
+GRAYSCALE_SOURCE_DATASETS = ("fashion_mnist", "mnist", "digits")
+
+
+def source_dataset_of(path: str | Path) -> str | None:
+    """The dataset a suite source representation was pretrained on (``transferrable/source.py`` records it)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return blob.get("source_dataset") if isinstance(blob, dict) else None
+
+
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint into ``backbone``; another architecture gives one clear mismatch error."""
+    """Load a checkpoint into ``backbone``; another architecture gives one clear mismatch error. The backbone's
+    ``source_dataset`` says which source representation it now holds (None: other weights)."""
     state, arch = backbone_state_from_file(path)
     own_arch = getattr(backbone, "arch", type(backbone).__name__)
     if arch is not None and arch != own_arch:
@@ -254,3 +265,32 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             f"(input_size/width overrides must match the checkpoint): {detail}"
         )
     backbone.load_state_dict(state)
+    backbone.source_dataset = source_dataset_of(path)
+
+
+def fold_conv1_colour(backbone: torch.nn.Module) -> float:
+    """Make the first 3-channel convolution colour-blind: each filter's R, G, B slices become their mean.
+
+    A representation pretrained on grayscale images (Fashion-MNIST replicated to RGB) only ever saw R = G = B,
+    so only the channel sum of each conv1 filter was trained; the differences between its channel slices are
+    leftovers of the random initialisation. On grayscale inputs they cancel, but on coloured regions (the
+    recoloured scene objects) they add untrained colour-opponent responses to every unit above. Replacing the
+    slices by their mean leaves every response to a grayscale image unchanged and lets a colour image through
+    as its channel mean. Returns the relative size of the removed part (0 when already folded)."""
+    conv = next((m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3), None)
+    if conv is None:
+        raise ValueError("fold_conv1_colour: the backbone has no 3-channel convolution")
+    with torch.no_grad():
+        w = conv.weight
+        mean = w.mean(1, keepdim=True)
+        removed = float((w - mean).norm() / w.norm().clamp_min(1e-12))
+        w.copy_(mean.expand_as(w))
+    return removed
+
+
+def fold_grayscale_source(backbone: nn.Module, setting: bool | str | None = "auto") -> float | None:
+    """``fold_conv1_colour`` when ``setting`` is true, or ``auto``/None and the backbone holds a source representation
+    learnt on grayscale images (``GRAYSCALE_SOURCE_DATASETS``); returns the removed part, or None when not folded."""
+    if setting in ("auto", None):
+        setting = getattr(backbone, "source_dataset", None) in GRAYSCALE_SOURCE_DATASETS
+    return fold_conv1_colour(backbone) if setting else None

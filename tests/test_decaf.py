@@ -382,16 +382,18 @@ def test_bad_main_combination_is_one_line(make_cfg, capsys):
 
 
 def test_default_source_weights_resolve_without_source_overrides(tmp_path):
-    """task=decaf defaults to backbone.weights=source:fashion_mnist with an empty source_overrides: the
+    """task=decaf defaults to backbone.weights=source:${source_dataset} with an empty source_overrides: the
     pretraining config must compose from it (an empty DictConfig used to break OmegaConf.to_container)."""
     from conftest import compose_train, point_paths_at
 
     import transferrable.source as source
 
     cfg = point_paths_at(compose_train(["task=decaf"]), tmp_path)
-    assert cfg.backbone.weights == "source:fashion_mnist" and not cfg.source_overrides
+    assert cfg.backbone.weights == f"source:{cfg.source_dataset}" and not cfg.source_overrides
     pre = source._pretraining_config(cfg, "fashion_mnist", tmp_path / "pre")
     assert pre.model._target_.endswith("ClassifyModule") and pre.dataset._target_.endswith("FashionMNISTDataModule")
+    pre = source._pretraining_config(cfg, cfg.source_dataset, tmp_path / "pre2")
+    assert pre.model._target_.endswith("ClassifyModule") and pre.trainer.max_epochs >= 1
 
 
 def test_direct_transform_is_bit_identical_and_only_for_fixed_pipelines():

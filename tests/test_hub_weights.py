@@ -346,3 +346,11 @@ def test_hub_specs_are_documented_as_loading_from_a_cache():
     """README and the backbone configs say where cached hub weights are found."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "HF_HUB_OFFLINE=1" in readme and "TORCH_HOME" in readme
+
+
+def test_source_weights_bring_their_source_statistics(make_cfg):
+    """backbone.weights=source:<dataset> normalises the task's images as that source was trained (here the
+    generated ImageNet-role source, ImageNet's statistics, on Fashion-MNIST); the command line still wins."""
+    cfg, dm = _datamodule(make_cfg, "backbone.weights=source:fractalnet")
+    assert list(dm.mean) == pytest.approx(IMAGENET_MEAN) and list(dm.std) == pytest.approx(IMAGENET_STD)
+    assert list(cfg.dataset.mean) == pytest.approx(IMAGENET_MEAN)

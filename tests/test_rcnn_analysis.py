@@ -99,7 +99,7 @@ def test_roi_pool_scale_resizes_image_and_boxes(scale):
 
 def test_grayscale_fold_keeps_gray_responses_and_drops_colour_noise():
     from models.backbones import CaffeNetMini
-    from models.rcnn.regions import fold_conv1_colour
+    from models.weights import fold_conv1_colour
 
     torch.manual_seed(0)
     net = CaffeNetMini(input_size=32).eval()

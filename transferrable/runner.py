@@ -72,10 +72,38 @@ def apply_hub_normalisation(cfg: DictConfig) -> None:
             dataset[key] = value
 
 
+def apply_source_normalisation(cfg: DictConfig) -> None:
+    """With ``backbone.weights=source:<dataset>`` the inputs are normalised as that source was trained (its dataset
+    config's mean/std), as the thesis feeds Caltech or VOC images to an ImageNet network with ImageNet's mean: the
+    task's dataset and a ``decaf_domain.target`` alike. A ``dataset.mean``/``dataset.std`` given on the command line
+    is kept."""
+    weights = (cfg.get("backbone") or {}).get("weights")
+    if not (isinstance(weights, str) and weights.startswith(source.SOURCE_PREFIX)):
+        return
+    stats = source.source_statistics(weights[len(source.SOURCE_PREFIX):])
+    if stats is None:
+        return
+    explicit = _command_line_keys()
+    nodes = [("dataset", cfg.get("dataset"))]
+    if "decaf_domain" in cfg and cfg.decaf_domain.get("target") is not None:
+        nodes.append(("decaf_domain.target", cfg.decaf_domain.target))
+    with open_dict(cfg):
+        for where, node in nodes:
+            if node is None or "mean" not in node:
+                continue
+            for key, value in zip(("mean", "std"), stats, strict=True):
+                if f"{where}.{key}" in explicit or list(node.get(key) or []) == value:
+                    continue
+                log.info("backbone.weights=%s: %s.%s %s -> %s (the source's statistics)", weights, where, key,
+                         list(node.get(key) or []), value)
+                node[key] = value
+
+
 def build_datamodule(cfg: DictConfig):
     from hydra.utils import instantiate
 
     apply_hub_normalisation(cfg)
+    apply_source_normalisation(cfg)
     return instantiate(cfg.dataset)
 
 

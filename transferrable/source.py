@@ -53,6 +53,15 @@ def source_cache(cfg: DictConfig) -> ArtifactCache:
 _RECIPE_DATASET_KEYS = ("batch_size", "augment", "val_fraction", "max_train_samples", "mean", "std")
 
 
+def source_statistics(dataset: str) -> tuple[list[float], list[float]] | None:
+    """The mean/std the source ``dataset`` is normalised with when it is pretrained (its dataset config)."""
+    check_dataset_choice(SOURCE_PREFIX + dataset, dataset, what="source dataset")
+    node = compose_train_config([f"dataset={dataset}"]).dataset
+    if "mean" not in node or "std" not in node:
+        return None
+    return [float(v) for v in node.mean], [float(v) for v in node.std]
+
+
 def pretraining_recipe(cfg: DictConfig, dataset: str) -> dict:
     """How ``task=classify dataset=<dataset>`` would pretrain now: epochs, the model's optimiser/schedule/head,
     and the dataset's batch size and augmentation (so a changed default recipe never reuses an old file)."""

@@ -115,23 +115,3 @@ def class_max_iou(boxes: np.ndarray, gt_boxes: np.ndarray, gt_labels: np.ndarray
     for c in np.unique(gt_labels):
         out[:, int(c)] = iou[:, np.asarray(gt_labels) == c].max(1)
     return out
-
-
-def fold_conv1_colour(backbone: torch.nn.Module) -> float:
-    """Make the first 3-channel convolution colour-blind: each filter's R, G, B slices become their mean.
-
-    A representation pretrained on grayscale images (Fashion-MNIST replicated to RGB) only ever saw R = G = B,
-    so only the channel sum of each conv1 filter was trained; the differences between its channel slices are
-    leftovers of the random initialisation. On grayscale inputs they cancel, but on coloured regions (the
-    recoloured scene objects) they add untrained colour-opponent responses to every unit above. Replacing the
-    slices by their mean leaves every response to a grayscale image unchanged and lets a colour image through
-    as its channel mean. Returns the relative size of the removed part (0 when already folded)."""
-    conv = next((m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3), None)
-    if conv is None:
-        raise ValueError("fold_conv1_colour: the backbone has no 3-channel convolution")
-    with torch.no_grad():
-        w = conv.weight
-        mean = w.mean(1, keepdim=True)
-        removed = float((w - mean).norm() / w.norm().clamp_min(1e-12))
-        w.copy_(mean.expand_as(w))
-    return removed
