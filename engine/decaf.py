@@ -67,6 +67,7 @@ from transferrable.decaf_report import (
     plot_fewshot,
     write_tables,
 )
+from transferrable.distributed import rank_and_world
 from transferrable.errors import ConfigError
 from transferrable.feature_cache import CACHE_VERSION, FeatureCache, state_sha256
 from transferrable.manifest import file_sha256
@@ -299,13 +300,19 @@ def fit_eval(p: Protocol, spec: ClassifierSpec, X_train, y_train, X_test, y_test
 
 def run_protocol(p: Protocol, pool: Pool, feats: dict[str, np.ndarray]) -> dict:
     """{(feature, classifier, N): {"acc": [...], "C": [...], "val": [...]}} over the split seeds."""
+    from tqdm import tqdm
+
     results: dict[tuple[str, str, int], dict[str, list]] = {}
     shots_desc = sorted(p.shots, reverse=True)
+    # the fits are the slow part on many classes (C validated per feature x classifier x split): show them
+    bar = tqdm(total=len(p.split_seeds) * len(p.features) * len(p.specs), desc="decaf: fitting classifiers",
+               unit="fit", mininterval=5.0, disable=rank_and_world()[0] != 0)
     for seed in p.split_seeds:
         splits = {n: protocol_split(pool, n, seed) for n in shots_desc}
         for name in p.features:
             X = feats[name]
             for spec in p.specs:
+                bar.set_postfix_str(f"{name}/{spec.name}", refresh=False)
                 C_fixed = None
                 for n in shots_desc:
                     train, test = splits[n]
@@ -317,6 +324,8 @@ def run_protocol(p: Protocol, pool: Pool, feats: dict[str, np.ndarray]) -> dict:
                     r["acc"].append(acc)
                     r["C"].append(C)
                     r["val"].append(val)
+                bar.update(1)
+    bar.close()
     return results
 
 

@@ -86,6 +86,8 @@ def tiny_overrides(data_dir: str | Path) -> list[str]:
     return [
         "logger=none",
         "hardware=cpu",
+        # a source a test pretrains is the tiny Fashion-MNIST-shaped fixture's, never the 61k-image default
+        "source_dataset=fashion_mnist",
         "trainer.precision=32-true",
         f"dataset.data_dir={data_dir}",
         "dataset.batch_size=32",
