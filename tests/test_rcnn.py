@@ -304,7 +304,9 @@ def test_rcnn_configs_compose(overrides):
     cfg = compose_train(overrides)
     assert cfg.model._target_ == "lightning_modules.rcnn.RCNNModule"
     assert cfg.dataset._target_ == "datamodules.scenes.ScenesDataModule"
-    assert cfg.backbone.weights == "source:fashion_mnist" and cfg.optimized_metric == "test/mAP"
+    assert cfg.backbone.weights == f"source:{cfg.source_dataset}" and cfg.optimized_metric == "test/mAP"
+    # the default source, but VGG16 keeps the one it can learn in its budget (conf/task_backbone/rcnn-vgg16.yaml)
+    assert cfg.source_dataset == ("fashion_mnist" if "backbone=vgg16" in overrides else "fractalnet100")
     assert cfg.rcnn.svm.C == 1e-3 and cfg.rcnn.finetune.positives == 32 and cfg.rcnn.finetune.background == 96
 
 

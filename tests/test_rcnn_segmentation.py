@@ -293,7 +293,7 @@ def test_rcnn_segmentation_configs_compose(overrides):
 
     cfg = compose_train(overrides)
     assert cfg.model._target_ == "lightning_modules.rcnn_segmentation.RCNNSegmentationModule"
-    assert cfg.backbone.weights == "source:fashion_mnist" and cfg.optimized_metric == "test/mean_iou"
+    assert cfg.backbone.weights == f"source:{cfg.source_dataset}" and cfg.optimized_metric == "test/mean_iou"
     assert cfg.rcnn_segmentation.segments.max_regions == 150
     assert list(cfg.rcnn_segmentation.features) == ["full", "fg", "full+fg"]
     assert list(cfg.rcnn_segmentation.layers) == ["fc6", "fc7"]
