@@ -10,14 +10,10 @@ tiny generated source (3 categories): it checks the machinery, not the machine.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench import ROOT
-from bench.main_job import cpu_description
+from bench.main_job import cpu_description, run_main_job
 from bench.registry import Context, Figure, Stats, Target, benchmark
 
 BUDGET_S = 30 * 60.0  # issue 21: caffenet_mini pretrains on the generated source in <= 30 min on 2 cores
@@ -27,16 +23,6 @@ def _recipe_epochs(dataset: str) -> int:
     from transferrable.nested_run import compose_train_config
 
     return int(compose_train_config([f"dataset={dataset}", "task=classify"]).trainer.max_epochs)
-
-
-def _timed(extra: list[str], out_dir: Path) -> float:
-    cmd = [sys.executable, "train.py", "logger=none", "callbacks=none", f"hydra.run.dir={out_dir}", *extra]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no stderr"])[-1]
-        raise RuntimeError(f"python train.py {' '.join(extra)} exited {done.returncode}: {last}")
-    return time.perf_counter() - t0
 
 
 @benchmark("source_pretraining")
@@ -50,8 +36,9 @@ def source_pretraining(ctx: Context) -> list[Figure]:
                       "dataset.val_per_class=2", "dataset.batch_size=8", "dataset.progress=false"]
         runs = ctx.repeats if ctx.quick else int(ctx.param("runs", 1))
         ctx.log(f"python train.py {' '.join(extra)} trainer.max_epochs=1 and =2 (projected to {epochs} epochs) x{runs}")
-        pairs = [(_timed([*extra, "trainer.max_epochs=1"], Path(tmp) / f"e1-{i}"),
-                  _timed([*extra, "trainer.max_epochs=2"], Path(tmp) / f"e2-{i}")) for i in range(runs)]
+        extra.append("callbacks=none")
+        pairs = [(run_main_job([*extra, "trainer.max_epochs=1"], Path(tmp) / f"e1-{i}")[0],
+                  run_main_job([*extra, "trainer.max_epochs=2"], Path(tmp) / f"e2-{i}")[0]) for i in range(runs)]
     projected = [one + (epochs - 1) * max(two - one, 1e-3) for one, two in pairs]
     one, two = pairs[-1]
     per_epoch = max(two - one, 0.0)

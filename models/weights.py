@@ -208,19 +208,20 @@ def hub_statistics(kind: str, name: str, spec: str) -> tuple[list[float], list[f
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-def backbone_state_from_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Read backbone weights from a suite checkpoint (``{'arch', 'state_dict'}``), a Lightning
-    checkpoint (keys under ``backbone.``) or a bare state dict. Always ``weights_only=True``:
-    a checkpoint can carry tensors and plain values, never code."""
+def _load_checkpoint(path: str | Path):
+    """The checkpoint's contents, ``weights_only=True``: a checkpoint can carry tensors and plain values, never code."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"backbone.weights={str(path)!r}: no such checkpoint file")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise WeightsError(
             f"backbone.weights={str(path)!r}: not a loadable weights-only checkpoint ({load_failure(err)})"
         ) from err
+
+
+def _state_and_arch(blob, path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
     arch = None
     if isinstance(blob, dict) and "state_dict" in blob:
         arch = blob.get("backbone_arch") or blob.get("arch")
@@ -232,20 +233,22 @@ def backbone_state_from_file(path: str | Path) -> tuple[dict[str, torch.Tensor],
     return blob, arch
 
 
+def backbone_state_from_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Read backbone weights from a suite checkpoint (``{'arch', 'state_dict'}``), a Lightning
+    checkpoint (keys under ``backbone.``) or a bare state dict. Always ``weights_only=True``:
+    a checkpoint can carry tensors and plain values, never code."""
+    return _state_and_arch(_load_checkpoint(path), path)
+
+
 # source datasets of grayscale images (replicated to RGB): a representation learnt on them never trained conv1's colour
 GRAYSCALE_SOURCE_DATASETS = ("fashion_mnist", "mnist", "digits")
-
-
-def source_dataset_of(path: str | Path) -> str | None:
-    """The dataset a suite source representation was pretrained on (``transferrable/source.py`` records it)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return blob.get("source_dataset") if isinstance(blob, dict) else None
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a checkpoint into ``backbone``; another architecture gives one clear mismatch error. The backbone's
     ``source_dataset`` says which source representation it now holds (None: other weights)."""
-    state, arch = backbone_state_from_file(path)
+    blob = _load_checkpoint(path)  # read once: the state and which source it is (transferrable/source.py records it)
+    state, arch = _state_and_arch(blob, path)
     own_arch = getattr(backbone, "arch", type(backbone).__name__)
     if arch is not None and arch != own_arch:
         raise WeightsError(
@@ -265,7 +268,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             f"(input_size/width overrides must match the checkpoint): {detail}"
         )
     backbone.load_state_dict(state)
-    backbone.source_dataset = source_dataset_of(path)
+    backbone.source_dataset = blob.get("source_dataset") if isinstance(blob, dict) else None
 
 
 def fold_conv1_colour(backbone: torch.nn.Module) -> float:
