@@ -354,3 +354,11 @@ def test_source_weights_bring_their_source_statistics(make_cfg):
     cfg, dm = _datamodule(make_cfg, "backbone.weights=source:fractalnet")
     assert list(dm.mean) == pytest.approx(IMAGENET_MEAN) and list(dm.std) == pytest.approx(IMAGENET_STD)
     assert list(cfg.dataset.mean) == pytest.approx(IMAGENET_MEAN)
+
+
+def test_source_statistics_follow_the_source_overrides(make_cfg):
+    """A source pretrained with other statistics (bigan_transfer's supervised row: pixels in [-1, 1] through
+    source_overrides) is fed the task's images the same way, not with its dataset config's defaults."""
+    cfg, dm = _datamodule(make_cfg, "experiment=bigan_transfer", "hydra.mode=RUN",
+                          "backbone.weights=source:fashion_mnist")
+    assert list(dm.mean) == pytest.approx([0.5] * 3) and list(dm.std) == pytest.approx([0.5] * 3)

@@ -18,7 +18,7 @@ from transferrable.checkpoints import check_ckpt_path, load_weights_only
 from transferrable.compat import check_task_dataset
 from transferrable.config_schema import validate
 from transferrable.errors import ConfigError
-from transferrable.nested_run import install_train
+from transferrable.nested_run import install_train, overrides_node
 from transferrable.precision import resolve_precision
 from transferrable.report_core import METRICS_FILE
 
@@ -80,7 +80,7 @@ def apply_source_normalisation(cfg: DictConfig) -> None:
     weights = (cfg.get("backbone") or {}).get("weights")
     if not (isinstance(weights, str) and weights.startswith(source.SOURCE_PREFIX)):
         return
-    stats = source.source_statistics(weights[len(source.SOURCE_PREFIX):])
+    stats = source.source_statistics(weights[len(source.SOURCE_PREFIX):], overrides_node(cfg, "source_overrides"))
     if stats is None:
         return
     explicit = _command_line_keys()

@@ -53,10 +53,11 @@ def source_cache(cfg: DictConfig) -> ArtifactCache:
 _RECIPE_DATASET_KEYS = ("batch_size", "augment", "val_fraction", "max_train_samples", "mean", "std")
 
 
-def source_statistics(dataset: str) -> tuple[list[float], list[float]] | None:
-    """The mean/std the source ``dataset`` is normalised with when it is pretrained (its dataset config)."""
+def source_statistics(dataset: str, source_overrides: dict | None = None) -> tuple[list[float], list[float]] | None:
+    """The mean/std the source ``dataset`` is normalised with when it is pretrained: its dataset config, with the
+    run's ``source_overrides`` (e.g. bigan_transfer pretrains on [-1, 1] pixels) applied as pretraining applies them."""
     check_dataset_choice(SOURCE_PREFIX + dataset, dataset, what="source dataset")
-    node = compose_train_config([f"dataset={dataset}"]).dataset
+    node = compose_train_config([f"dataset={dataset}"] + _as_overrides(source_overrides or {})).dataset
     if "mean" not in node or "std" not in node:
         return None
     return [float(v) for v in node.mean], [float(v) for v in node.std]
