@@ -264,7 +264,7 @@ def data_root(tmp_path_factory, fmnist_dir) -> Path:
 REAL_LAYOUTS = {"voc", "voc_segmentation", "coco_captions", "flickr30k", "ucf101", "imagefolder", "mnist",
                 "fashion_mnist", "digits"}
 GENERATED = {"scenes", "scenes_segmentation", "scene_captions", "moving_objects", "video_tuples", "fractalnet",
-             "fractalnet100", "fractalnet300", "fractal_caltech", "fractal_office"}
+             "fractalnet100", "fractalnet300", "fractal_caltech", "fractal_office", "fashion_clutter"}
 OFFLINE_IMPOSSIBLE = [("backbone.weights=hub", "hub weights need the internet"),
                       ("hardware=gpu", "needs a GPU"), ("hardware=multi_gpu", "needs GPUs"),
                       ("hardware=slurm", "needs SLURM")]
