@@ -243,6 +243,7 @@ DATASET_RULES: dict[str, Rule] = {
     "n_classes": Int(2),
     "images_per_class": Int(2),
     "val_per_class": Int(0),
+    "crop_size": Int(8),
     "in_memory": Bool(),
     # videos
     "split": OneOf(1, 2, 3),
