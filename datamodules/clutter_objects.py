@@ -4,7 +4,7 @@ labelled object per image, written in ImageNet's layout and read by the real ``i
 The role: ImageNet holds VOC's object classes photographed in clutter, so an ImageNet network already knows what a
 VOC region looks like. Plain Fashion-MNIST (grey items on black) does not play that role for the generated scenes,
 whose items are coloured, patterned and pasted on photos. Each image here is drawn like a scene
-(``scene_generator._compose``, 1-3 items at the scenes' scales, from the Fashion-MNIST *training* items; the test
+(``scene_generator.compose_scene``, 1-3 items at the scenes' scales, from the Fashion-MNIST *training* items; the test
 scenes use the t10k items) and cropped around its largest item with R-CNN's context padding, then warped to a square
 as R-CNN warps its regions:
 
@@ -89,7 +89,7 @@ def _write(root: Path, params: dict, progress: bool) -> dict:
     from datamodules import scene_generator as sg
 
     scene = params["scene"]
-    items = sg._load_items(scene["source_files"]["data_dir"], "")["train"]
+    items = sg.load_items(scene["source_files"]["data_dir"], "")["train"]
     photos = sg.background_photos()
     missing = [b for b in scene["backgrounds"] if b not in photos]
     if missing:
@@ -107,7 +107,7 @@ def _write(root: Path, params: dict, progress: bool) -> dict:
                 # one independent stream per drawn scene: the files do not depend on the order they are written in
                 rng = np.random.default_rng(np.random.SeedSequence([params["world_seed"], 31, index]))
                 index += 1
-                drawn = sg._compose(rng, scene, items, "train", photos, scene["backgrounds"])
+                drawn = sg.compose_scene(rng, scene, items, "train", photos, scene["backgrounds"])
                 obj = max(drawn["objects"], key=lambda o: (o["bbox"][2] - o["bbox"][0]) * (o["bbox"][3] - o["bbox"][1]))
                 cls = obj["class"]
                 if obj["difficult"] or left[cls] == 0:

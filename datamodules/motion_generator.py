@@ -44,8 +44,8 @@ from datamodules.scene_generator import (
     FASHION_MNIST_DIR,
     _idx_fingerprint,
     _item_cutout,
-    _load_items,
     background_photos,
+    load_items,
 )
 from transferrable.artifact_cache import ArtifactCache, digest
 
@@ -328,7 +328,7 @@ def _write_dataset(root: Path, params: dict, videos: list, progress: bool) -> di
     from tqdm import tqdm
 
     log.info("moving_objects: generating %d videos", len(videos))
-    items = _load_items(params["source_files"]["data_dir"], json.dumps(params["source_files"], sort_keys=True))
+    items = load_items(params["source_files"]["data_dir"], json.dumps(params["source_files"], sort_keys=True))
     images = items["train"][0]
     photos = background_photos()
     for ci, action, g, c in tqdm(videos, desc="moving_objects", disable=not progress, leave=False):

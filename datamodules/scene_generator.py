@@ -137,7 +137,7 @@ def _idx_fingerprint(data_dir: Path) -> dict:
 
 
 @lru_cache(maxsize=2)
-def _load_items(data_dir: str, fingerprint: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_items(data_dir: str, fingerprint: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from datamodules.fashion_mnist import HOW_TO_GET
     from datamodules.idx import load_idx_split
 
@@ -276,7 +276,7 @@ def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> dict:
     from tqdm import tqdm
 
     data_dir = params["source_files"]["data_dir"]
-    items = _load_items(data_dir, json.dumps(params["source_files"], sort_keys=True))
+    items = load_items(data_dir, json.dumps(params["source_files"], sort_keys=True))
     photos = background_photos()
     bg_names = params["backgrounds"]
     missing = [b for b in bg_names if b not in photos]
@@ -300,7 +300,7 @@ def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> dict:
             for _ in range(sizes[split]):
                 image_id = f"{index:06d}"
                 rng = np.random.default_rng(np.random.SeedSequence([params["seed"], index]))
-                scene = _compose(rng, params, pool, pool_name, photos, bg_names)
+                scene = compose_scene(rng, params, pool, pool_name, photos, bg_names)
                 scene["image_id"], scene["split"] = image_id, split
                 _write_scene(root, name, scene, params)
                 split_ids[split].append(image_id)
@@ -388,7 +388,7 @@ def _pattern_field(rng: np.random.Generator, ph: int, pw: int, size: float, imag
     return pattern, field
 
 
-def _compose(rng: np.random.Generator, params: dict, pool, pool_name: str, photos: dict, bg_names: list[str]) -> dict:
+def compose_scene(rng: np.random.Generator, params: dict, pool, pool_name: str, photos: dict, bg_names: list[str]) -> dict:
     """One scene: the image, the instance/class maps and the objects' attributes (back to front).
 
     Long on purpose: one sequential draw from ``rng`` per object; splitting it would reorder the draws (and change
