@@ -5,8 +5,8 @@ The role: ImageNet holds VOC's object classes photographed in clutter, so an Ima
 VOC region looks like. Plain Fashion-MNIST (grey items on black) does not play that role for the generated scenes,
 whose items are coloured, patterned and pasted on photos. Each image here is drawn like a scene
 (``scene_generator.compose_scene``, 1-3 items at the scenes' scales, from the Fashion-MNIST *training* items; the test
-scenes use the t10k items) and cropped around its largest item with R-CNN's context padding, then warped to a square
-as R-CNN warps its regions:
+scenes use the t10k items) and cropped around its largest item with a context margin of 16/227 of the box on each
+side (clipped to the image), then warped to a square, much as R-CNN warps its regions:
 
     <root>/<key>/FashionClutter/{train,val}/<class>/<class>_<i>.JPEG
 
@@ -16,6 +16,7 @@ Deterministic from ``world_seed``; generated once (atomic directory, manifest wi
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from transferrable.errors import DatasetError
 
 GENERATOR_VERSION = 1
 LAYOUT_ROOT = "FashionClutter"
-CONTEXT_PAD = 16 / 227  # R-CNN's 16 pixels of context around a 227-pixel warped region, as a fraction
+CONTEXT_PAD = 16 / 227  # margin per side as a fraction of the box (R-CNN's 16 of 227 pixels, simplified)
 
 
 def clutter_params(images_per_class: int, val_per_class: int, crop_size: int, world_seed: int,
@@ -71,7 +72,7 @@ def generate_clutter(out_dir: str | Path, params: dict, progress: bool = True) -
 
 
 def crop_object(image: np.ndarray, box: list[int], size: int) -> np.ndarray:
-    """The box with R-CNN's context padding (clipped to the image), warped to ``size`` x ``size``."""
+    """The box grown by ``CONTEXT_PAD`` of its size on each side (clipped to the image), warped to ``size`` x ``size``."""
     import cv2
 
     x1, y1, x2, y2 = box
@@ -89,7 +90,7 @@ def _write(root: Path, params: dict, progress: bool) -> dict:
     from datamodules import scene_generator as sg
 
     scene = params["scene"]
-    items = sg.load_items(scene["source_files"]["data_dir"], "")["train"]
+    items = sg.load_items(scene["source_files"]["data_dir"], json.dumps(scene["source_files"], sort_keys=True))["train"]
     photos = sg.background_photos()
     missing = [b for b in scene["backgrounds"] if b not in photos]
     if missing:
@@ -139,8 +140,3 @@ class ClutterObjectsDataModule(ImageFolderDataModule):
 
     def prepare_data(self) -> None:
         self.data_dir = str(generate_clutter(self.gen_root, self.params, progress=self.progress) / LAYOUT_ROOT)
-
-    def _scan(self):
-        if self.data_dir is None:  # class names asked for before setup: generate first (cheap once generated)
-            self.prepare_data()
-        return super()._scan()

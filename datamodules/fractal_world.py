@@ -41,8 +41,3 @@ class FractalWorldDataModule(ImageFolderDataModule):
         """Generate the directory unless a complete copy with the same parameters is there."""
         generated = generate_world(self.world_root, self.params, progress=self.progress)
         self.data_dir = str(data_root(generated, self.params, self.domain))
-
-    def _scan(self):
-        if self.data_dir is None:  # class names asked for before setup (e.g. to size a head): generate first
-            self.prepare_data()  # cheap when already generated (manifest check)
-        return super()._scan()

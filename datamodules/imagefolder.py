@@ -190,6 +190,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         """(class names in label order, {split or "all": {class name: image paths}})."""
         if self._scanned is not None:
             return self._scanned
+        if self.data_dir is None:
+            # a generated layout (fractal_world, clutter_objects) fills data_dir when it is generated or found;
+            # asked for class names before setup (e.g. to size a head), generate first (cheap once generated)
+            self.prepare_data()
         root = Path(self.data_dir) if self.data_dir is not None else None
         if root is None or not root.is_dir():
             raise DatasetError(f"dataset.data_dir={root} does not exist; expected {LAYOUT}")
