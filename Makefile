@@ -49,7 +49,7 @@ CPU_KIND_TESTS := tests/test_precision.py tests/test_lrcn_activity.py tests/test
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
-	@if [ -z "$(ARGS)" ] && $(PY) -c "from transferrable.precision import cpu_bf16; raise SystemExit(not cpu_bf16().hardware)"; then \
+	@if [ -z "$(ARGS)" ] && $(PY) -c "from transferrable.core.precision import cpu_bf16; raise SystemExit(not cpu_bf16().hardware)"; then \
 		echo "== again as on an AVX2-only CPU (ONEDNN_MAX_CPU_ISA=AVX2): $(CPU_KIND_TESTS)"; \
 		ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -p no:cacheprovider $(CPU_KIND_TESTS); \
 	fi
@@ -59,7 +59,7 @@ bench: setup
 
 # stdlib only: needs the venv's python, not the data
 docs: $(STAMP)
-	$(PY) -m transferrable.results_docs $(ARGS)
+	$(PY) -m transferrable.run.results_docs $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

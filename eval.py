@@ -17,8 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from transferrable.errors import exit_on_user_error  # noqa: E402
-from transferrable.signals import exit_on_signals  # noqa: E402
+from transferrable.core.errors import exit_on_user_error  # noqa: E402
+from transferrable.core.signals import exit_on_signals  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval.yaml")
@@ -27,20 +27,20 @@ def main(cfg: DictConfig) -> None:
     exit_on_signals()  # SIGTERM/SIGINT -> exit 143/130, never 0
     if cfg.get("report"):
         # imported here for start-up speed: only what this mode needs
-        from transferrable.report import write_report
+        from transferrable.run.report import write_report
 
         print(write_report(cfg.report, cfg.get("metrics")), end="")
         print(f"(written to {Path(cfg.report) / 'report.md'})")
     elif cfg.get("fuse"):
         # imported here for start-up speed: only what this mode needs
-        from transferrable.lrcn_report import fusion_line
+        from engine.lrcn.report import fusion_line
 
         if len(cfg.fuse) != 2:
             raise SystemExit("fuse=[<rgb run dir or video_scores.npz>,<flow run dir or video_scores.npz>]")
         print(fusion_line(*cfg.fuse), end="")
     elif cfg.get("ckpt_path"):
         # imported here for start-up speed: only what this mode needs
-        from transferrable.runner import evaluate_checkpoint
+        from transferrable.run.runner import evaluate_checkpoint
 
         evaluate_checkpoint(cfg)
     else:

@@ -15,14 +15,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from transferrable.errors import exit_on_user_error  # noqa: E402
-from transferrable.signals import exit_on_signals  # noqa: E402
+from transferrable.core.errors import exit_on_user_error  # noqa: E402
+from transferrable.core.signals import exit_on_signals  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
-    from transferrable.runner import train  # imported here for start-up speed (--help, --cfg job)
+    from transferrable.run.runner import train  # imported here for start-up speed (--help, --cfg job)
 
     exit_on_signals()  # SIGTERM/SIGINT -> exit 143/130, never 0
     metrics = train(cfg)

@@ -166,7 +166,7 @@ def bigan_time_to_accuracy(ctx: Context) -> list[Figure]:
     size), ``hidden``, ``batch``, ``precision``), one fit per repeat with seeds 0, 1, ..."""
     import tempfile
 
-    from transferrable.unsupervised_eval import knn1_accuracy
+    from transferrable.metrics.unsupervised_eval import knn1_accuracy
 
     if ctx.quick:
         defaults = {"threshold": 0.05, "every": 2, "max_batches": 6, "epochs": 1, "n_eval": 100, "batch": 16,

@@ -26,7 +26,7 @@ def _decode_rate(model, feats: torch.Tensor, width: int, max_len: int) -> float:
 def _metric_seconds(refs: dict, hyps: dict, java: bool, meteor: bool) -> float:
     import warnings
 
-    from transferrable.caption_eval import caption_metrics
+    from transferrable.metrics.caption_eval import caption_metrics
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -38,7 +38,7 @@ def _metric_seconds(refs: dict, hyps: dict, java: bool, meteor: bool) -> float:
 @benchmark("caption")
 def caption(ctx: Context) -> list[Figure]:
     from models.lrcn_caption import LRCNCaptioner
-    from transferrable.caption_eval import java_available
+    from transferrable.metrics.caption_eval import java_available
 
     images, hidden, max_len = (8, 32, 6) if ctx.quick else (200, 256, 20)
     torch.manual_seed(0)

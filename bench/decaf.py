@@ -1,7 +1,7 @@
 """``decaf``: frozen-feature extraction images/s through the DeCAF extraction path against the bare backbone
 forward on the same batches, in the same run (issue 3: target >= 0.9 of the bare forward).
 
-* **DeCAF path**: ``engine.decaf.FeatureExtractor.extract`` exactly as ``task=decaf`` calls it (pool ->
+* **DeCAF path**: ``engine.decaf.protocol.FeatureExtractor.extract`` exactly as ``task=decaf`` calls it (pool ->
   DataLoader with the evaluation transform -> ``trainer.predict`` -> ``DecafModule.predict_step``:
   ``torch.inference_mode``, channels_last and bf16 autocast as configured -> numpy, concatenated per feature),
   cache disabled so every call extracts.
@@ -53,7 +53,7 @@ def decaf_module(backbone, **overrides):
 @benchmark("decaf")
 def decaf(ctx: Context) -> list[Figure]:
     from datamodules.base import ImageDataset
-    from engine.decaf import FeatureExtractor
+    from engine.decaf.protocol import FeatureExtractor
 
     n, batch = (64, 32) if ctx.quick else (4096, 512)
     cfg = OmegaConf.load(CONF_DIR / "backbone" / "caffenet_mini.yaml")

@@ -1,6 +1,6 @@
 """``voc_ap`` and ``caption_metrics``: the suite's evaluators against references, in the same run.
 
-``voc_ap``: ``transferrable.voc_eval.evaluate_detections`` (vectorised per class) on randomised detections
+``voc_ap``: ``transferrable.metrics.voc_eval.evaluate_detections`` (vectorised per class) on randomised detections
 (jittered ground-truth boxes and clutter, continuous scores, ~15% of ground truth difficult) against
 
 * ``reference_voc_eval`` below: an independent, straightforward per-detection loop in the shape of
@@ -208,7 +208,7 @@ def _torchmetrics_map(detections: list[dict], ground_truth: list[dict]):
 def voc_ap(ctx: Context) -> list[Figure]:
     import warnings
 
-    from transferrable.voc_eval import evaluate_detections
+    from transferrable.metrics.voc_eval import evaluate_detections
 
     images, classes = (40, 4) if ctx.quick else (500, 20)
     dets, gts = random_detections(images, classes)

@@ -26,7 +26,7 @@ def model_rate(cfg, batches: list):
     """A callable returning training steps/s of the configured model over pre-loaded batches (no loader).
 
     Every call starts again from the same weights, so repeats measure the same work."""
-    from transferrable.runner import build_model
+    from transferrable.run.runner import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=10).train()

@@ -68,7 +68,7 @@ def lrcn(ctx: Context) -> list[Figure]:
     loss_fn = torch.nn.CrossEntropyLoss()
     feat_dim = net.backbone.feature_dim("fc6")
 
-    from transferrable.precision import cpu_bf16
+    from transferrable.core.precision import cpu_bf16
 
     def autocast():  # as hardware=cpu: bf16 where the CPU runs it natively (the LSTM stays fp32 elsewhere)
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16().native)

@@ -26,7 +26,7 @@ TARGET_ACC = 0.92
 
 
 def cpu_description() -> str:
-    from transferrable.precision import cpu_bf16
+    from transferrable.core.precision import cpu_bf16
 
     model = "unknown CPU"
     try:

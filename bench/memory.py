@@ -10,7 +10,7 @@ right after the imports and set-up (``VmRSS``).
 What runs is ``task=rcnn``'s own SVM stage: the pool5 cache is a float16 ``np.memmap`` (the task's
 ``feature_dtype``) of N images x 200 regions (2 ground-truth boxes first, as ``ImageSet`` lays them out),
 read through ``ChunkedRows`` with fc7 computed per chunk by ``RCNNModule.from_pool5`` (the task's default
-``layers: [fc7]``), and ``engine.rcnn.train_svms`` (positives, negatives by ``class_max_iou`` < 0.3,
+``layers: [fc7]``), and ``engine.rcnn.svms.train_svms`` (positives, negatives by ``class_max_iou`` < 0.3,
 ``HardNegativeMiner``). Backbone ``caffenet_mini`` (pool5 1024-d, fc7 512-d, random weights), 5 classes; the
 miner's budget is ``max_cache`` negatives per class.
 """
@@ -90,7 +90,7 @@ def _worker(path: str, images: int) -> dict:
     from omegaconf import OmegaConf
 
     from bench.suite import CONF_DIR
-    from engine.rcnn import train_svms
+    from engine.rcnn.svms import train_svms
     from lightning_modules.rcnn import RCNNModule
     from models.rcnn.feature_rows import ChunkedRows
     from models.rcnn.svm import norm_scale

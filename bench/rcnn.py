@@ -161,7 +161,7 @@ ARCHS = ("alexnet", "vgg16")
 @benchmark("rcnn_archs")
 def rcnn_archs(ctx: Context) -> list[Figure]:
     from models.rcnn.proposals import ProposalCache
-    from transferrable.nested_run import compose_train_config
+    from transferrable.run.nested_run import compose_train_config
 
     n_images, max_proposals = (1, 20) if ctx.quick else (4, 200)
     images = _images(n_images)

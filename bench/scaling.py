@@ -1,7 +1,7 @@
 """``scaling``: how the cost of each method's main step grows with its work, as the fitted exponent ``k`` of
 ``cost ~ work^k`` over three sizes (``bench.growth``; 1 = linear, below 1 = fixed overhead amortised).
 
-* DeCAF: ``engine.decaf.FeatureExtractor.extract`` (loader + transform + ``trainer.predict``, fc6+fc7, bf16)
+* DeCAF: ``engine.decaf.protocol.FeatureExtractor.extract`` (loader + transform + ``trainer.predict``, fc6+fc7, bf16)
   seconds vs images;
 * R-CNN: ``RCNNModule.image_pool5`` (warping + CNN to pool5, ``feature_mode=warp``) seconds per image vs
   proposals per image, on a 160x120 photo crop with random boxes;
@@ -44,7 +44,7 @@ def decaf_images(ctx: Context) -> Figure:
     import lightning as L
 
     from bench.decaf import TAPS, _pool, decaf_module
-    from engine.decaf import FeatureExtractor
+    from engine.decaf.protocol import FeatureExtractor
 
     sizes = (64, 128, 256) if ctx.quick else (1024, 2048, 4096)
     backbone = _backbone()

@@ -20,7 +20,7 @@ BUDGET_S = 30 * 60.0  # issue 21: caffenet_mini pretrains on the generated sourc
 
 
 def _recipe_epochs(dataset: str) -> int:
-    from transferrable.nested_run import compose_train_config
+    from transferrable.run.nested_run import compose_train_config
 
     return int(compose_train_config([f"dataset={dataset}", "task=classify"]).trainer.max_epochs)
 

@@ -65,7 +65,7 @@ def train_config(overrides: Sequence[str] = ()) -> Iterator:
             cfg.paths.log_dir = str(Path(tmp) / "logs")
             cfg.paths.cache_dir = str(Path(tmp) / "cache")
             cfg.hydra.job.num = 0
-        from transferrable.runner import apply_precision_policy
+        from transferrable.run.runner import apply_precision_policy
 
         apply_precision_policy(cfg)  # hardware=cpu's ``auto`` -> what this CPU runs natively
         hydra_config = HydraConfig.instance()

@@ -65,7 +65,7 @@ def _plain_loop(model, loader, cfg, skip: int) -> float:
 
 
 def _lightning_loop(model, loader, cfg, skip: int) -> float:
-    from transferrable.runner import build_trainer
+    from transferrable.run.runner import build_trainer
 
     timer = StepTimer(skip)
     trainer = build_trainer(cfg, loggers=[])
@@ -77,7 +77,7 @@ def _lightning_loop(model, loader, cfg, skip: int) -> float:
 def measure(ctx: Context, precision: str) -> Figure:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from transferrable.runner import build_model
+    from transferrable.run.runner import build_model
 
     batch, skip, steps = (8, 1, 5) if ctx.quick else (None, 5, 30)
     overrides = [

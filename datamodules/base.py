@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from transferrable.archives import resolve_data_dir
-from transferrable.errors import DatasetError
+from transferrable.core.archives import resolve_data_dir
+from transferrable.core.errors import DatasetError
 
-__all__ = ["DatasetError"]  # defined in the leaf ``transferrable.errors``; datamodules import it from here
+__all__ = ["DatasetError"]  # defined in the leaf ``transferrable.core.errors``; datamodules import it from here
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
     ``load_splits`` returns ``{"train": (images, labels), "test": (...), ["val": (...)]}``; without a
     ``val`` split, ``val_fraction`` of train (stratified, from ``seed``) becomes validation.
     """
-    PROVIDES_DATA = ("images", "labels")  # what tasks may ask for (transferrable/compat.py)
+    PROVIDES_DATA = ("images", "labels")  # what tasks may ask for (transferrable/run/compat.py)
 
     name = "images"
 

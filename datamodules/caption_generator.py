@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transferrable.artifact_cache import ArtifactCache, digest
-from transferrable.atomic import atomic_write_json
+from transferrable.core.artifact_cache import ArtifactCache, digest
+from transferrable.core.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 

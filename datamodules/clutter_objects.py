@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.imagefolder import ImageFolderDataModule
-from transferrable.artifact_cache import ArtifactCache, digest
-from transferrable.errors import DatasetError
+from transferrable.core.artifact_cache import ArtifactCache, digest
+from transferrable.core.errors import DatasetError
 
 GENERATOR_VERSION = 1
 LAYOUT_ROOT = "FashionClutter"

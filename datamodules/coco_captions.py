@@ -15,7 +15,7 @@ Bad input, one documented policy (counted in ``summary``): empty captions are dr
 words are all unknown to the vocabulary are dropped from training (nothing to learn) but stay references
 for the metrics; images without any caption are dropped from every split; a missing annotation file or
 image directory is a one-line ``DatasetError``, and so is a training split left with no trainable caption
-(every word rarer than ``vocab_min_count``). ``data_dir`` may also be an archive (transferrable/archives.py). The vocabulary is built from the training captions only
+(every word rarer than ``vocab_min_count``). ``data_dir`` may also be an archive (transferrable/core/archives.py). The vocabulary is built from the training captions only
 (``vocab_min_count``, ``max_caption_len``).
 
 Images are resized as a whole (aspect ratio not kept) to ``input_size`` squared and normalised: the
@@ -37,8 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError, build_transform, read_image, to_rgb
-from transferrable.archives import resolve_data_dir
-from transferrable.vocabulary import Vocabulary, tokenize
+from transferrable.core.archives import resolve_data_dir
+from transferrable.core.vocabulary import Vocabulary, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def pad_captions(batch, vocab: Vocabulary):
 
 
 class COCOCaptionsDataModule(L.LightningDataModule):
-    PROVIDES_DATA = ("images", "captions")  # what tasks may ask for (transferrable/compat.py)
+    PROVIDES_DATA = ("images", "captions")  # what tasks may ask for (transferrable/run/compat.py)
 
     name = "coco_captions"
     num_classes = 0

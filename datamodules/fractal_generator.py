@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DatasetError
-from transferrable.artifact_cache import ArtifactCache, digest
+from transferrable.core.artifact_cache import ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.base import build_transform, subset
-from transferrable.errors import ConfigError, DatasetError
+from transferrable.core.errors import ConfigError, DatasetError
 
 
 @dataclass

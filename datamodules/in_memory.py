@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
 
-from transferrable.distributed import rank_and_world
+from transferrable.core.distributed import rank_and_world
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ Output, exactly the UCF101 layout (``datamodules.ucf101`` reads it)::
 
 Splits follow UCF101: split k tests groups 7k-6..7k, trains on the others. Video ``(class, group, clip)`` draws
 from ``SeedSequence([seed, class, group, clip])`` (the background from ``[seed, group]``), so the same seed
-gives the same frames. The directory is an ``ArtifactCache`` directory entry (``transferrable.artifact_cache``):
+gives the same frames. The directory is an ``ArtifactCache`` directory entry (``transferrable.core.artifact_cache``):
 generation goes to a hidden temporary directory that is renamed into place; a complete directory with the same
 parameters is reused, a damaged one warns and is regenerated.
 """
@@ -47,7 +47,7 @@ from datamodules.scene_generator import (
     background_photos,
     load_items,
 )
-from transferrable.artifact_cache import ArtifactCache, digest
+from transferrable.core.artifact_cache import ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 

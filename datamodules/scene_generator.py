@@ -25,7 +25,7 @@ Void (255) marks the inner ``void_width``-pixel border of every object's visible
 outlines; boxes are the extent of the visible region including that border. Paint order is back to front,
 so instance ``i + 1`` may be occluded only by instances with a larger id.
 
-The directory is an ``ArtifactCache`` directory entry (``transferrable.artifact_cache``): a complete directory whose
+The directory is an ``ArtifactCache`` directory entry (``transferrable.core.artifact_cache``): a complete directory whose
 manifest has the same parameters is reused; a partial or mismatched one warns and is regenerated. Generation writes
 into a hidden temporary directory next to the target and renames it into place, so the target name only ever holds
 a complete data set.
@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DatasetError
-from transferrable.artifact_cache import ArtifactCache, digest
+from transferrable.core.artifact_cache import ArtifactCache, digest
+from transferrable.viz.palette import voc_colormap
 
 log = logging.getLogger(__name__)
 
@@ -536,29 +537,9 @@ def compose_scene(rng: np.random.Generator, params: dict, pool, pool_name: str, 
 # ---------------------------------------------------------------------------------------------------
 # writing one scene
 # ---------------------------------------------------------------------------------------------------
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC palette (n x 3 uint8): index 0 black, 1 (128, 0, 0), ..., 255 (224, 224, 192)."""
-    return _voc_colormap(int(n)).copy()
-
-
-@lru_cache(maxsize=4)
-def _voc_colormap(n: int) -> np.ndarray:
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
-
-
 @lru_cache(maxsize=1)
 def _palette_list() -> list[int]:
-    return _voc_colormap(256).ravel().tolist()
+    return voc_colormap(256).ravel().tolist()
 
 
 def encode_palette_png(labels: np.ndarray) -> bytes:

@@ -45,8 +45,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError
-from transferrable.archives import resolve_data_dir
-from transferrable.artifact_cache import ABSENT, NO_MANIFEST, ArtifactCache, Unusable, digest
+from transferrable.core.archives import resolve_data_dir
+from transferrable.core.artifact_cache import ABSENT, NO_MANIFEST, ArtifactCache, Unusable, digest
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def collate_videos(batch):
 # the DataModule
 # ---------------------------------------------------------------------------------------------------
 class UCF101DataModule(L.LightningDataModule):
-    PROVIDES_DATA = ("videos", "labels")  # what tasks may ask for (transferrable/compat.py)
+    PROVIDES_DATA = ("videos", "labels")  # what tasks may ask for (transferrable/run/compat.py)
 
     name = "ucf101"
 

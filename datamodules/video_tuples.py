@@ -25,9 +25,9 @@ import torch
 
 from datamodules.base import DatasetError
 from datamodules.caption_generator import BACKGROUNDS, NOUNS, SPLIT_CODES
-from transferrable.artifact_cache import ArtifactCache, digest
-from transferrable.atomic import atomic_write_json
-from transferrable.vocabulary import Vocabulary
+from transferrable.core.artifact_cache import ArtifactCache, digest
+from transferrable.core.atomic import atomic_write_json
+from transferrable.core.vocabulary import Vocabulary
 
 VERSION = 1
 SLOTS: dict[str, list[str]] = {
@@ -130,7 +130,7 @@ def tuple_features(rows: list[dict], kind: str) -> torch.Tensor:
 
 
 class VideoTuplesDataModule(L.LightningDataModule):
-    PROVIDES_DATA = ("tuples", "sentences")  # what tasks may ask for (transferrable/compat.py)
+    PROVIDES_DATA = ("tuples", "sentences")  # what tasks may ask for (transferrable/run/compat.py)
 
     name = "video_tuples"
     num_classes = 0

@@ -46,7 +46,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError, read_image
-from transferrable.archives import resolve_data_dir
+from transferrable.core.archives import resolve_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class VOCDetectionDataModule(VOCDirectoryDataModule):
     """Detection images with boxes from a VOC directory; see the module docstring for items and the
     bad-input policy. ``summary`` holds the counts after ``setup``; ``records(split)`` the parsed
     annotations without pixels (for evaluation); ``load_segmentation(image_id)`` the palette masks."""
-    PROVIDES_DATA = ("images", "boxes")  # what tasks may ask for (transferrable/compat.py)
+    PROVIDES_DATA = ("images", "boxes")  # what tasks may ask for (transferrable/run/compat.py)
 
     name = "voc"
 

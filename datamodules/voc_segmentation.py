@@ -139,7 +139,7 @@ class VOCSegmentationDataset(Dataset):
 
 class VOCSegmentationDataModule(VOCDirectoryDataModule):
     """Segmentation images with class (and instance) masks; ``datasets[train|val|test]`` after ``setup``."""
-    PROVIDES_DATA = ("images", "masks")  # what tasks may ask for (transferrable/compat.py)
+    PROVIDES_DATA = ("images", "masks")  # what tasks may ask for (transferrable/run/compat.py)
 
     name = "voc_segmentation"
     layout = LAYOUT

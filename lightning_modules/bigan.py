@@ -13,12 +13,12 @@ constant then exponential decay to 2e-6); checkpoints hold all three, ``ckpt_pat
 
 Validation: BN statistics re-estimated on training data first (like the original "deploy" pass), then
 ``val/knn1_acc`` (val queries, train gallery; Euclidean distance in the feature space). The splits live in memory
-(``self.data``, filled by ``engine/bigan.py``, which also runs the end-of-training evaluation: test 1-NN, raw-pixel
+(``self.data``, filled by ``engine/bigan/pipeline.py``, which also runs the end-of-training evaluation: test 1-NN, raw-pixel
 1-NN, linear probe, clustering, the final sample grids and the encoder export).
 
 Under DDP each rank trains on its shard of every epoch with its own rows of the shared prior stream; gradients
 from ``torch.autograd.grad`` (unseen by DDP's reducer) are averaged over the ranks in :meth:`_set_grads`, and
-evaluation embeds the same batches as one process, shared over the ranks (``transferrable/distributed.py``).
+evaluation embeds the same batches as one process, shared over the ranks (``transferrable/core/distributed.py``).
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ from models.bigan import (
     MLPGenerator,
 )
 from models.bigan_training import OBJECTIVES, BiGANSettings, decay_param_groups, reestimate_bigan_bn
-from transferrable import unsupervised_eval  # looked up per call (tests spy on knn1_predict)
-from transferrable.distributed import any_rank, average_over_ranks, map_shards, rank_and_world
-from transferrable.errors import ConfigError, NonFiniteLossError, last_checkpoint_note
+from transferrable.core.distributed import any_rank, average_over_ranks, map_shards, rank_and_world
+from transferrable.core.errors import ConfigError, NonFiniteLossError, last_checkpoint_note
+from transferrable.metrics import unsupervised_eval  # looked up per call (tests spy on knn1_predict)
 
 log = logging.getLogger(__name__)
 
 
 class BiGANModule(L.LightningModule):
-    REQUIRES_DATA = ("images", "labels")  # 1-NN / linear-probe evaluation (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "labels")  # 1-NN / linear-probe evaluation (transferrable/run/compat.py)
 
     def __init__(
         self,
@@ -100,7 +100,7 @@ class BiGANModule(L.LightningModule):
         if self.prior.categories:
             self.register_buffer("fixed_grid_z", self.prior.grid(10, generator=gen), persistent=True)
         self.seed = int(seed or 0)
-        self.data: dict[str, SplitTensors] = {}  # the splits in memory (engine/bigan.py)
+        self.data: dict[str, SplitTensors] = {}  # the splits in memory (engine/bigan/pipeline.py)
         self.eval_batch_size = 512
         self.batches_trained = 0  # training batches of this process (each steps up to three optimisers)
         self._train_t0: float | None = None

@@ -15,11 +15,11 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from models.backbones import TapBackbone
-from transferrable.errors import NonFiniteLossError, last_checkpoint_note
+from transferrable.core.errors import NonFiniteLossError, last_checkpoint_note
 
 
 class ClassifyModule(L.LightningModule):
-    REQUIRES_DATA = ("images", "labels")  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "labels")  # checked against the dataset before any work (transferrable/run/compat.py)
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ A feature is
 ``predict_step`` runs under ``torch.inference_mode``; ``decaf.channels_last`` and bf16 autocast (``use_bf16``,
 from ``decaf.bf16``; the pipeline resolves ``null`` against ``trainer.precision``) are switches. Everything else --
 the image pool, the feature cache, the linear classifiers over splits, few-shot curves, the domain settings,
-t-SNE and the tables -- is the pipeline's: ``engine/decaf.py`` and ``engine/decaf_domain.py``.
+t-SNE and the tables -- is the pipeline's: ``engine/decaf/pipeline.py`` and ``engine/decaf/domain.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from models.backbones import TapBackbone, UnknownTapError
-from transferrable.precision import inference_bf16
+from transferrable.core.precision import inference_bf16
 
 BASELINES = ("raw", "hog")
 RANDOM_PREFIX = "random:"
@@ -54,7 +54,7 @@ class DecafModule(L.LightningModule):
     """``cfg`` is the ``decaf:`` node (conf/task/decaf.yaml); the module reads ``channels_last``, ``bf16`` and
     ``hog`` from it. Which features ``predict_step`` returns is set per pass with :meth:`request`."""
 
-    REQUIRES_DATA = ("images", "labels")  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "labels")  # checked against the dataset before any work (transferrable/run/compat.py)
 
     def __init__(self, backbone: TapBackbone, cfg: DictConfig | dict, num_classes: int | None = None):
         super().__init__()
@@ -62,7 +62,7 @@ class DecafModule(L.LightningModule):
         # plain containers only, so that a checkpoint would load with torch.load(weights_only=True)
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True), "num_classes": num_classes})
         self.channels_last = bool(cfg.channels_last)
-        self.use_bf16 = inference_bf16(cfg.bf16, None)  # bf16 autocast of predict_step; see engine.decaf.run
+        self.use_bf16 = inference_bf16(cfg.bf16, None)  # bf16 autocast of predict_step; see engine.decaf.pipeline.run
         self.hog_params = {**HOG_DEFAULTS, **(OmegaConf.to_container(cfg.hog) if cfg.get("hog") else {})}
         self.backbone = backbone
         self.random_backbone: TapBackbone | None = None  # random:<tap> features: set by the pipeline

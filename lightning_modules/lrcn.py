@@ -7,7 +7,7 @@ its per-step softmax averaged over time, and the video's is the average over its
 baseline (``sequence_model=none``) is scored the same way, so the two differ only in the LSTM.
 
 The module keeps each split's per-video scores (:meth:`LRCNActivityModule.collect_scores`); the pipeline
-(``engine/lrcn_activity.py``) writes the test ones to ``video_scores.npz`` with the confusion matrix.
+(``engine/lrcn/activity.py``) writes the test ones to ``video_scores.npz`` with the confusion matrix.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from torch import nn
 
 from models.backbones import TapBackbone
 from models.lrcn import LRCN, clip_starts
-from transferrable.distributed import gather_dicts
-from transferrable.lrcn_scores import per_class_accuracy
+from transferrable.core.distributed import gather_dicts
+from transferrable.metrics.classification import per_class_accuracy
 
 log = logging.getLogger(__name__)
 
 
 class LRCNActivityModule(L.LightningModule):
-    REQUIRES_DATA = ("videos", "labels")  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("videos", "labels")  # checked against the dataset before any work (transferrable/run/compat.py)
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ once the vocabulary is known (:meth:`LRCNCaptionModule.build`); it reads the bac
 cached feature rows of a frozen backbone. Teacher forcing, cross-entropy over the words and ``<EOS>``; with
 ``backbone.freeze=none`` (or a tap) the CNN is fine-tuned through the captioning loss at ``lrcn.backbone_lr_scale``
 x the decoder's learning rate. The stages (vocabulary, feature cache, fit, decoding, metrics, retrieval, tables)
-are ``engine/lrcn_caption.py``.
+are ``engine/lrcn/caption.py``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from omegaconf import OmegaConf
 
 from models.backbones import TapBackbone
 from models.lrcn_caption import LRCNCaptioner
-from transferrable.errors import ConfigError
-from transferrable.vocabulary import Vocabulary, VocabularyMismatchError
+from transferrable.core.errors import ConfigError
+from transferrable.core.vocabulary import Vocabulary, VocabularyMismatchError
 
 
 class LRCNCaptionModule(L.LightningModule):
-    REQUIRES_DATA = ("images", "captions")  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "captions")  # checked against the dataset before any work (transferrable/run/compat.py)
 
     def __init__(self, backbone: TapBackbone, num_classes, cfg, optimizer: Callable[..., torch.optim.Optimizer]):
         """``cfg``: the ``lrcn:`` node of ``conf/task/lrcn_caption.yaml`` (tap, variant, unit, image_input, hidden,
@@ -72,7 +72,7 @@ class LRCNCaptionModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, tokens, _ = batch
         loss = self.decoder.loss(self.image_features(x), tokens)
-        # under DDP every rank validates the whole split (engine/ranks.py whole_split_loader): the same value on
+        # under DDP every rank validates the whole split (transferrable/core/distributed.py whole_split_loader): the same value on
         # each, so the mean over ranks is that value and every rank picks the same best checkpoint
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(tokens), sync_dist=True)
 

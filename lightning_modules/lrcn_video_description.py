@@ -4,7 +4,7 @@
 encoder-decoder over the maximum tuple, (b) ``max`` the decoder fed the maximum tuple at every step, (c) ``prob``
 the decoder fed the recogniser's class probabilities at every step; all with the two-layer unfactored LRCN
 decoder (``2u``), as in the thesis. The decoder is built once the vocabulary is known (:meth:`build`); the
-stages (fit, beam-search decoding, BLEU-4 and the tables) are ``engine/video_description.py``.
+stages (fit, beam-search decoding, BLEU-4 and the tables) are ``engine/lrcn/video_description.py``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from omegaconf import OmegaConf
 
 from models.lrcn_caption import LRCNCaptioner
 from models.video_description import INPUTS, tuple_decoder
-from transferrable.errors import ConfigError
+from transferrable.core.errors import ConfigError
 
 
 class VideoDescriptionModule(L.LightningModule):
-    REQUIRES_DATA = ("tuples", "sentences")  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("tuples", "sentences")  # checked against the dataset before any work (transferrable/run/compat.py)
 
     def __init__(self, backbone, num_classes, cfg, optimizer: Callable[..., torch.optim.Optimizer]):
         """``cfg``: the ``video:`` node of ``conf/task/lrcn_video_description.yaml`` (no backbone: tuples in)."""
@@ -47,7 +47,7 @@ class VideoDescriptionModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, tokens, _ = batch
-        # under DDP every rank validates the whole split (engine/ranks.py whole_split_loader): the same value on each
+        # under DDP every rank validates the whole split (transferrable/core/distributed.py whole_split_loader): the same value on each
         self.log("val/loss", self.decoder.loss(x, tokens), on_epoch=True, prog_bar=True, batch_size=len(tokens),
                  sync_dist=True)
 

@@ -1,6 +1,6 @@
 """task=rcnn: the R-CNN network (thesis 3.1): a backbone with named taps plus a fresh (N+1)-way head on fc7.
 
-The stages (proposals, fine-tuning, the pool5 cache, SVMs, box regression, NMS, VOC AP) are ``engine/rcnn.py``;
+The stages (proposals, fine-tuning, the pool5 cache, SVMs, box regression, NMS, VOC AP) are ``engine/rcnn/pipeline.py``;
 this module is what they run on the network:
 
 - fine-tuning steps (``training_step``, ``configure_optimizers``): cross-entropy of the (N+1)-way head over a
@@ -31,8 +31,8 @@ from torch import nn
 
 from models.backbones import TapBackbone
 from models.rcnn.regions import image_tensor, scaled_pad, warp_regions
-from transferrable.precision import inference_bf16
-from transferrable.task_defaults import plain, task_config
+from transferrable.core.precision import inference_bf16
+from transferrable.core.task_defaults import plain, task_config
 
 FEATURE_LAYERS = ("pool5", "fc6", "fc7")
 SCORINGS = ("svm", "softmax")
@@ -57,7 +57,7 @@ def _check_choices(cfg: dict) -> None:
 
 
 class RCNNModule(L.LightningModule):
-    REQUIRES_DATA = ("images", "boxes")  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "boxes")  # checked against the dataset before any work (transferrable/run/compat.py)
 
     def __init__(self, backbone: TapBackbone, num_classes: int, cfg: Mapping | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -86,7 +86,7 @@ class RCNNModule(L.LightningModule):
         self.pad = scaled_pad(self.size, self.cfg["context_pad"])
         self.timing: dict[str, float] = defaultdict(float)
         self.stats: dict[str, Any] = {}
-        self.predict_job: Callable[[int], Any] | None = None  # set around engine/rcnn.py's sharded trainer.predict
+        self.predict_job: Callable[[int], Any] | None = None  # set around engine/rcnn/pipeline.py's sharded trainer.predict
 
     # -- fine-tuning ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ class RCNNModule(L.LightningModule):
         return loss
 
     def predict_step(self, batch, batch_idx):
-        """A pipeline's per-image job run by ``trainer.predict`` over image indices (engine/rcnn.py ``sharded_map``:
+        """A pipeline's per-image job run by ``trainer.predict`` over image indices (engine/rcnn/pipeline.py ``sharded_map``:
         under DDP each rank takes its share of the images): ``[(i, predict_job(i)), ...]``."""
         return [(int(i), self.predict_job(int(i))) for i in batch]
 

@@ -1,7 +1,7 @@
 """task=rcnn_segmentation: region features for R-CNN's region-based semantic segmentation (thesis 3.2).
 
 The stages (segment proposals, the optional detection fine-tuning, the feature cache, per-class SVRs, thresholds,
-pasted label maps, mean IoU) are ``engine/rcnn_segmentation.py``; this module holds the backbone and computes what
+pasted label maps, mean IoU) are ``engine/rcnn/segmentation.py``; this module holds the backbone and computes what
 they need of it: ``image_features``, the fc6/fc7 features of one image's masked regions, as the warped
 context-padded box (*full*) and the same warp with the background replaced by the mean (*fg*). The module has no
 training steps of its own (``finetune: detection`` fine-tunes the backbone through task=rcnn's ``RCNNModule``).
@@ -23,9 +23,9 @@ from lightning_modules.rcnn import as_list
 from models.backbones import TapBackbone
 from models.rcnn.regions import scaled_pad
 from models.rcnn.seg_regions import warp_full_and_fg
-from transferrable.errors import ConfigError
-from transferrable.precision import inference_bf16
-from transferrable.task_defaults import plain, task_config
+from transferrable.core.errors import ConfigError
+from transferrable.core.precision import inference_bf16
+from transferrable.core.task_defaults import plain, task_config
 
 FEATURE_KINDS = ("full", "fg", "full+fg")
 LAYERS = ("fc6", "fc7")
@@ -34,7 +34,7 @@ FINETUNE = ("none", "detection")
 
 
 class RCNNSegmentationModule(L.LightningModule):
-    REQUIRES_DATA = ("images", "masks")  # checked against the dataset before any work (transferrable/compat.py)
+    REQUIRES_DATA = ("images", "masks")  # checked against the dataset before any work (transferrable/run/compat.py)
 
     def __init__(self, backbone: TapBackbone, num_classes: int, cfg: Mapping | None = None, **overrides: Any):
         super().__init__()
@@ -59,7 +59,7 @@ class RCNNSegmentationModule(L.LightningModule):
         self.size = int(backbone.input_size)
         self.pad = scaled_pad(self.size, c["context_pad"])
         self.stats: dict[str, Any] = {}
-        # set around engine/rcnn_segmentation.py's sharded trainer.predict (engine/rcnn.py ``sharded_map_on``)
+        # set around engine/rcnn/segmentation.py's sharded trainer.predict (engine/rcnn/pipeline.py ``sharded_map_on``)
         self.predict_job: Callable[[int], Any] | None = None
 
     def predict_step(self, batch, batch_idx):

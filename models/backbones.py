@@ -40,10 +40,10 @@ from models.weights import (
     load_backbone_weights,
     load_torchvision_hub,
 )
-from transferrable.config_schema import (
+from transferrable.core.config_schema import (
     TAP_NAMES as TAP_NAMES,  # defined beside the rules that check tap names
 )
-from transferrable.errors import UserError
+from transferrable.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class TapBackbone(nn.Module):
             if str(weights).startswith("source:"):
                 raise WeightsError(
                     f"backbone.weights={weights!r} must be resolved to a checkpoint first "
-                    "(train.py/eval.py do this via transferrable.source.resolve_source_weights)"
+                    "(train.py/eval.py do this via transferrable.run.source.resolve_source_weights)"
                 )
             load_backbone_weights(self, weights)
         self.apply_freeze()

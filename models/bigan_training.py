@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from models.bigan import reestimate_batchnorm
-from transferrable.errors import ConfigError
+from transferrable.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -183,3 +183,38 @@ def reestimate_bigan_bn(module) -> None:
     module.E.eval()
     reestimate_batchnorm(module.D, _train_batches(module, n), d_forward)
     module.E.train(was_e)
+
+
+# What the sample grids show (Figures 5.2 and 6.1), file name by panel; drawn by transferrable/viz/image_grid.py.
+GRID_FILES = {"G(z)": "samples", "x": "data", "G(E(x))": "reconstructions", "categories": "categories"}
+
+
+@torch.no_grad()
+def grid_panels(module) -> dict[str, torch.Tensor]:
+    """G(z) for the module's fixed z, 50 validation images x, their reconstructions G(E(x)) and, for a discrete
+    latent, the category x style grid, in [0, 1]; ``module`` is a ``BiGANModule`` with its splits in memory."""
+    s = module.s
+    for m in (module.E, module.G):
+        m.eval()
+    split = module.data.get("val") or module.data["train"]
+    x01 = split.images[:50].float().to(module.device) / 255.0
+    x_e, x_g = module.inputs(x01)
+    shape = (-1, s.channels, s.image_size, s.image_size)
+    panels = {
+        "G(z)": module.to_unit_range(module.G(module.fixed_z)).reshape(shape),
+        "x": module.to_unit_range(x_g).reshape(shape),
+        "G(E(x))": module.to_unit_range(module.G(module.encode(x_e)[1])).reshape(shape),
+    }
+    if module.prior.categories:
+        panels["categories"] = module.to_unit_range(module.G(module.fixed_grid_z)).reshape(shape)
+    module.E.train(module.training)
+    module.G.train(module.training)
+    return panels
+
+
+def save_bigan_grids(module, out_dir, tag: str, upscale: int, trainer=None) -> list:
+    """The grids of ``module`` as ``<out_dir>/<tag>_<panel>.png`` (and to W&B when it is attached)."""
+    from transferrable.viz.image_grid import save_panel_grids
+
+    return save_panel_grids(grid_panels(module), GRID_FILES, out_dir, tag, upscale, trainer=trainer,
+                            key="bigan_grids")

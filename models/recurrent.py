@@ -2,7 +2,7 @@
 
 CPU autocast casts ``mkldnn_rnn_layer`` to bf16, and oneDNN has no bf16 LSTM without native bf16 (AVX2-only CPUs:
 "could not create a primitive descriptor for the LSTM forward propagation primitive"). There these subclasses
-run the same layer in fp32 with autocast off; with native bf16 (``transferrable/precision.py``) they are plain
+run the same layer in fp32 with autocast off; with native bf16 (``transferrable/core/precision.py``) they are plain
 ``nn.LSTM``/``nn.RNN``. Parameter names are unchanged, so checkpoints load either way.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transferrable.precision import recurrent_bf16_ok
+from transferrable.core.precision import recurrent_bf16_ok
 
 
 def _fp32(state):

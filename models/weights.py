@@ -5,10 +5,10 @@ Hub weights already in the local cache load without a network probe: timm's thro
 (``HF_HUB_CACHE``, ``models--timm--<name>/snapshots/<rev>/model.safetensors``) when ``HF_HUB_OFFLINE=1``,
 torchvision's from ``$TORCH_HOME/hub/checkpoints/<file>``, whose sha256 prefix (in its name) is checked first, so a
 corrupt file is one line naming it. Inputs are normalised with the hub weights' own statistics
-(``hub_statistics``; ``transferrable.runner.apply_hub_normalisation`` sets ``dataset.mean/std``).
+(``hub_statistics``; ``transferrable.run.runner.apply_hub_normalisation`` sets ``dataset.mean/std``).
 
 ``source:<dataset>`` (the suite's own pretrained representation) is resolved to a checkpoint path
-before the backbone is built, by ``transferrable.source``.
+before the backbone is built, by ``transferrable.run.source``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transferrable.checkpoints import load_failure
-from transferrable.errors import UserError
+from transferrable.core.checkpoints import load_failure
+from transferrable.core.errors import UserError
 
 HUB_PREFIX = "hub"
 
@@ -247,7 +247,7 @@ GRAYSCALE_SOURCE_DATASETS = ("fashion_mnist", "mnist", "digits")
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a checkpoint into ``backbone``; another architecture gives one clear mismatch error. The backbone's
     ``source_dataset`` says which source representation it now holds (None: other weights)."""
-    blob = _load_checkpoint(path)  # read once: the state and which source it is (transferrable/source.py records it)
+    blob = _load_checkpoint(path)  # read once: the state and which source it is (transferrable/run/source.py records it)
     state, arch = _state_and_arch(blob, path)
     own_arch = getattr(backbone, "arch", type(backbone).__name__)
     if arch is not None and arch != own_arch:

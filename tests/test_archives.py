@@ -1,4 +1,4 @@
-"""``dataset.data_dir=<archive>``: checked, atomic, cached extraction (transferrable/archives.py)."""
+"""``dataset.data_dir=<archive>``: checked, atomic, cached extraction (transferrable/core/archives.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from conftest import compose_train, point_paths_at
 from hydra.utils import instantiate
 from test_voc_scenes import ann, make_voc
 
-import transferrable.archives as archives
+import transferrable.core.archives as archives
 from datamodules.base import DatasetError
 from datamodules.voc import VOCDetectionDataModule
-from transferrable.archives import UnsafeArchiveError, extract_archive
-from transferrable.errors import find_user_error
+from transferrable.core.archives import UnsafeArchiveError, extract_archive
+from transferrable.core.errors import find_user_error
 
 
 @pytest.fixture
@@ -173,8 +173,8 @@ def test_image_folder_zip_through_the_dataset_config(tmp_path, cache):
 
 
 def test_an_unsafe_archive_fails_before_any_pretraining(make_cfg, tmp_path, cache, monkeypatch):
-    import transferrable.runner as runner
-    import transferrable.source as source
+    import transferrable.run.runner as runner
+    import transferrable.run.source as source
 
     monkeypatch.setattr(source, "resolve_source_weights", lambda cfg: pytest.fail("pretraining started"))
     archive = tmp_path / "VOC.tar"

@@ -1,4 +1,4 @@
-"""``transferrable.artifact_cache``: the one cache mechanism behind every on-disk cache of the suite.
+"""``transferrable.core.artifact_cache``: the one cache mechanism behind every on-disk cache of the suite.
 
 Key stability (names and manifests of existing caches stay valid), atomic commits (a build that raises or is
 SIGKILLed leaves no entry), damaged entries detected, warned about (``CacheWarning``) and rebuilt, a version bump
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from transferrable.artifact_cache import (
+from transferrable.core.artifact_cache import (
     ABSENT,
     NO_MANIFEST,
     ArtifactCache,
@@ -76,9 +76,9 @@ def test_names_of_existing_caches_are_unchanged(tmp_path):
     from datamodules.video_tuples import VideoTuplesDataModule, load_or_generate
     from models.rcnn.proposals import ProposalCache
     from models.rcnn.segments import SegmentCache, SegmentProposals
-    from transferrable import feature_cache, manifest
-    from transferrable.bigan_source import bigan_source_path
-    from transferrable.source import source_key
+    from transferrable.core import feature_cache, manifest
+    from transferrable.run.bigan_source import bigan_source_path
+    from transferrable.run.source import source_key
 
     golden = "677210c245b6ceee78994885ec4b7fd06eaf520d55d4bc7a2827c81e352e7309"
     assert key_hash(KEY) == feature_cache.key_hash(KEY) == manifest.key_hash(KEY) == golden
@@ -122,7 +122,7 @@ def test_names_of_existing_caches_are_unchanged(tmp_path):
 def test_manifests_written_before_artifact_cache_stay_valid(tmp_path):
     """Entries exactly as the earlier code wrote them are used as they are: no warning, no rebuild."""
     from datamodules.ucf101 import ArrayCache
-    from transferrable.feature_cache import FeatureCache
+    from transferrable.core.feature_cache import FeatureCache
 
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
     buf = io.BytesIO()
@@ -211,7 +211,7 @@ _KILLED_BUILD = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from transferrable.artifact_cache import ArtifactCache
+from transferrable.core.artifact_cache import ArtifactCache
 
 def build(tmp):
     if {kind!r} == "dir":
@@ -436,7 +436,7 @@ def test_memmap_written_in_chunks_resumes_after_a_kill(tmp_path):
 _WRITER = """
 import sys, time
 sys.path.insert(0, {root!r})
-from transferrable.artifact_cache import ArtifactCache
+from transferrable.core.artifact_cache import ArtifactCache
 cache = ArtifactCache({dir!r}, what="torn-file test")
 payloads = [b"a" * {n}, b"b" * {n}]
 path = cache.path_for("k", name="blob.bin")

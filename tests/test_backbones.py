@@ -335,7 +335,7 @@ def test_timm_hub_without_hf_offline_probes_network(offline, monkeypatch):
 
 def test_cli_reports_a_weights_error_as_one_line(offline, capsys):
     """train.py's error handler sees through Hydra's InstantiationException to the WeightsError."""
-    from transferrable.errors import exit_on_user_error
+    from transferrable.core.errors import exit_on_user_error
 
     cfg = OmegaConf.merge(OmegaConf.load(CONF_DIR / "backbone" / "resnet18.yaml"), {"weights": "hub"})
     with pytest.raises(SystemExit) as exit_info:

@@ -2,7 +2,7 @@
 
 Every case asserts one of two documented behaviours:
 
-- **error**: a one-line message of a type ``transferrable/errors.py`` prints as ``error: ...`` without a
+- **error**: a one-line message of a type ``transferrable/core/errors.py`` prints as ``error: ...`` without a
   traceback (``find_user_error``), naming the file or override and what was expected; or
 - **policy**: the documented skip / clip / loop / convert policy, with its count in the DataModule's ``summary``
   (or the cache's ``stats``);
@@ -34,8 +34,8 @@ from test_rcnn_segmentation import _write_voc as write_segmentation_voc
 from test_ucf101_motion import ACTIONS
 from test_voc_scenes import ann, make_voc
 
-import transferrable.runner as runner
-import transferrable.source as source
+import transferrable.run.runner as runner
+import transferrable.run.source as source
 from datamodules.base import DatasetError, read_image
 from datamodules.coco_captions import COCOCaptionsDataModule
 from datamodules.fashion_mnist import FashionMNISTDataModule
@@ -44,7 +44,7 @@ from datamodules.motion_generator import generate_motions
 from datamodules.ucf101 import UCF101DataModule
 from datamodules.voc import VOCDetectionDataModule
 from datamodules.voc_segmentation import VOCSegmentationDataModule
-from transferrable.errors import (
+from transferrable.core.errors import (
     ConfigError,
     NonFiniteLossError,
     exit_on_user_error,
@@ -619,7 +619,7 @@ CASES = [
     Case("empty_after_filtering", empty_after_filtering,
          "error: no trainable caption (vocab_min_count) / fewer than 2 classes left", "coco_captions.py, base.py"),
     Case("worker_crash", worker_crash, "error naming the file and the worker, one line (not the worker traceback)",
-         "transferrable/errors.py one_line"),
+         "transferrable/core/errors.py one_line"),
     Case("worker_crash_in_transform", worker_crash_in_transform,
          "any other exception while loading a sample: one line naming the sample and its file",
          "datamodules/base.py ImageDataset"),
@@ -629,15 +629,15 @@ CASES = [
     Case("inf_loss_bigan", inf_loss_bigan, "same as classify (all three optimisers stop)",
          "lightning_modules/bigan.py", slow=True),
     Case("missing_ckpt_path", missing_ckpt_path, "error naming ckpt_path before any work",
-         "transferrable/checkpoints.py"),
+         "transferrable/core/checkpoints.py"),
     Case("ckpt_of_another_architecture", ckpt_of_another_architecture,
-         "error naming ckpt_path and the differing backbone keys, before any work", "transferrable/checkpoints.py"),
+         "error naming ckpt_path and the differing backbone keys, before any work", "transferrable/core/checkpoints.py"),
     Case("ckpt_of_another_task", ckpt_of_another_task, "error naming both tasks, before any work",
-         "transferrable/checkpoints.py"),
+         "transferrable/core/checkpoints.py"),
     Case("crafted_pickle_ckpt", crafted_pickle_ckpt, "weights-only load refuses it (code never runs); one line",
-         "transferrable/checkpoints.py"),
+         "transferrable/core/checkpoints.py"),
     Case("incompatible_overrides", incompatible_overrides,
-         "error listing the datasets that fit, before any pretraining", "transferrable/compat.py"),
+         "error listing the datasets that fit, before any pretraining", "transferrable/run/compat.py"),
     Case("segmentation_unexpected_palette_value", segmentation_unexpected_palette_value,
          "error naming the PNG and the values", "datamodules/voc_segmentation.py"),
     Case("segmentation_mask_of_wrong_size", segmentation_mask_of_wrong_size, "error naming mask and image sizes",
@@ -649,13 +649,13 @@ CASES = [
     Case("missing_data_dir", missing_data_dir, "error naming dataset.data_dir and the layout", "datamodules/voc.py"),
     Case("bad_config_value", bad_config_value,
          "one line `<key>=<value>: expected ...`, exit 2, before any work (e.g. dataset.batch_size=0, "
-         "model.optimizer.lr=-1)", "transferrable/config_schema.py"),
+         "model.optimizer.lr=-1)", "transferrable/core/config_schema.py"),
     Case("input_size_too_small_for_taps", input_size_too_small_for_taps,
          "error naming backbone.input_size and the smallest size the backbone's taps need",
-         "transferrable/config_schema.py"),
-    Case("bad_tap_list", bad_tap_list, "error naming the list and the taps accepted", "transferrable/config_schema.py"),
+         "transferrable/core/config_schema.py"),
+    Case("bad_tap_list", bad_tap_list, "error naming the list and the taps accepted", "transferrable/core/config_schema.py"),
     Case("unwritable_path", unwritable_path, "error naming the paths.* override and why, before any work",
-         "transferrable/config_schema.py"),
+         "transferrable/core/config_schema.py"),
     Case("class_folder_without_readable_image", class_folder_without_readable_image,
          "error naming the class folder and its skipped files (count, first paths, reason), before training",
          "datamodules/imagefolder.py"),

@@ -164,7 +164,7 @@ def test_loglog_slope_recovers_exponents():
 
 def test_reference_voc_eval_on_a_hand_computed_case():
     from bench.evaluators import reference_voc_eval
-    from transferrable.voc_eval import evaluate_detections
+    from transferrable.metrics.voc_eval import evaluate_detections
 
     gt = [{"boxes": np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], np.float32),
            "labels": np.array([0, 0, 0]), "difficult": np.array([False, False, True])}]

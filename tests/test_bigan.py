@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-import transferrable.runner as runner
+import transferrable.run.runner as runner
 from datamodules.in_memory import SplitTensors, batch_sampler_loader
 from lightning_modules.bigan import BiGANModule, NonFiniteLossError
 from models.bigan import (
@@ -31,8 +31,8 @@ from models.bigan import (
     latent_target,
 )
 from models.bigan_training import OBJECTIVES, HalfwayExponentialDecay
-from transferrable.errors import find_user_error
-from transferrable.unsupervised_eval import cluster_nmi, cluster_purity, knn1_accuracy, knn1_predict
+from transferrable.core.errors import find_user_error
+from transferrable.metrics.unsupervised_eval import cluster_nmi, cluster_purity, knn1_accuracy, knn1_predict
 
 TINY = ["task=bigan", "bigan.hidden=[32,32]", "bigan.latent_dim=8", "bigan.bn_batches=2", "bigan.probe_max_train=200",
         "++trainer.limit_val_batches=null"]
@@ -180,7 +180,7 @@ def test_discrete_prior_codes_and_category_grid():
 
 # -- whole runs ------------------------------------------------------------------------------------
 def test_bigan_run_metrics_grids_and_test_labels_stay_out_of_the_gallery(make_cfg, monkeypatch):
-    import transferrable.unsupervised_eval as ue
+    import transferrable.metrics.unsupervised_eval as ue
 
     calls = []
     real = ue.knn1_predict

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferrable.manifest import CacheWarning
+from transferrable.core.manifest import CacheWarning
 
 
 def _photo(w=64, h=48) -> np.ndarray:
@@ -39,7 +39,7 @@ class Kind:
 
 
 def _features(root: Path):
-    from transferrable.feature_cache import FeatureCache
+    from transferrable.core.feature_cache import FeatureCache
 
     key = {"version": 1, "tap": "fc6", "weights": "sha256:abc"}
     arr, _ = FeatureCache(root).get_or_compute("fc6", key, lambda: np.arange(600, dtype=np.float32).reshape(20, 30))
@@ -60,7 +60,7 @@ def _segments(root: Path):
 
 
 def _pool5(root: Path):
-    from engine.rcnn import pool5_features
+    from engine.rcnn.features import pool5_features
     from lightning_modules.rcnn import RCNNModule
     from models.backbones import CaffeNetMini
     from models.rcnn.windows import ImageSet
@@ -93,7 +93,7 @@ def _source_like(root: Path, module: str, prefix: str, backbone: list[str], monk
 
     from conftest import compose_train, point_paths_at
 
-    import transferrable.runner as runner
+    import transferrable.run.runner as runner
 
     def fake_train(pre):
         out = Path(pre.paths.output_dir)
@@ -107,7 +107,7 @@ def _source_like(root: Path, module: str, prefix: str, backbone: list[str], monk
     monkeypatch.setattr(runner, "train", fake_train)
     cfg = point_paths_at(compose_train([*backbone, f"backbone.weights={prefix}fashion_mnist"]), root / "run", root)
     importlib.import_module(module)
-    from transferrable.source import resolve_source_weights
+    from transferrable.run.source import resolve_source_weights
 
     resolve_source_weights(cfg)
     return torch.load(cfg.backbone.weights, map_location="cpu", weights_only=True)["state_dict"]
@@ -158,11 +158,11 @@ def _kinds(fmnist_dir, monkeypatch, made) -> dict[str, Kind]:
         "rcnn_pool5": Kind(_pool5, lambda r: _only(r, "pool5-*.dat"), lambda r: _only(r, "pool5-*.json")),
         "flow_frames": Kind(_frames, lambda r: _only(r, "video0.npy"), lambda r: _only(r, "video0.npy.manifest.json")),
         "source_representation": Kind(
-            lambda r: _source_like(r, "transferrable.source", "source:", ["backbone.widths=[8,16,16,16,16]"],
+            lambda r: _source_like(r, "transferrable.run.source", "source:", ["backbone.widths=[8,16,16,16,16]"],
                                    monkeypatch, made),
             lambda r: _only(r / "source", "*.pt", False), lambda r: _only(r / "source", "*.pt.manifest.json")),
         "bigan_source": Kind(
-            lambda r: _source_like(r, "transferrable.bigan_source", "bigan:", ["backbone=bigan_alexnet"],
+            lambda r: _source_like(r, "transferrable.run.bigan_source", "bigan:", ["backbone=bigan_alexnet"],
                                    monkeypatch, made),
             lambda r: _only(r / "bigan", "*.pt", False), lambda r: _only(r / "bigan", "*.pt.manifest.json")),
         "generated_scenes": Kind(lambda r: _generated_scenes(r, fmnist_dir), lambda r: _only(r, "000000.jpg"),
@@ -232,7 +232,7 @@ def test_damaged_cache_warns_and_is_rebuilt_identically(kind, damage, fmnist_dir
 def test_entries_cached_before_manifests_are_adopted_not_recomputed(tmp_path):
     """A whole file from before manifests is used and given a manifest (no warning); a damaged one is not."""
     from models.rcnn.proposals import ProposalCache
-    from transferrable.manifest import load_npz
+    from transferrable.core.manifest import load_npz
 
     cache = ProposalCache(tmp_path, method="selective_search", mode="single", width=96, max_proposals=80)
     img = _photo()

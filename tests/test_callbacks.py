@@ -11,7 +11,7 @@ import torch
 from conftest import compose_train
 from PIL import Image
 
-import transferrable.runner as runner
+import transferrable.run.runner as runner
 from callbacks.image_grid import SampleGridCallback, save_image_grid
 from callbacks.tsne import (
     GaussianProjector,

@@ -151,9 +151,9 @@ def test_freeze_ablation_experiment():
 
 # -- incompatible task/dataset pairs are refused before any work ---------------------------------
 def test_detection_task_on_a_dataset_without_boxes_fails_before_any_work(make_cfg, monkeypatch):
-    import transferrable.source as source
-    from transferrable.errors import ConfigError
-    from transferrable.runner import train
+    import transferrable.run.source as source
+    from transferrable.core.errors import ConfigError
+    from transferrable.run.runner import train
 
     monkeypatch.setattr(source, "resolve_source_weights", lambda cfg: pytest.fail("pretraining started"))
     cfg = make_cfg("task=rcnn", "dataset=fashion_mnist")
@@ -165,8 +165,8 @@ def test_detection_task_on_a_dataset_without_boxes_fails_before_any_work(make_cf
 
 
 def test_classification_task_on_a_detection_dataset_is_refused():
-    from transferrable.compat import check_task_dataset
-    from transferrable.errors import ConfigError
+    from transferrable.core.errors import ConfigError
+    from transferrable.run.compat import check_task_dataset
 
     with pytest.raises(ConfigError, match="needs a dataset with labels.*'fashion_mnist'"):
         check_task_dataset(compose_train(["dataset=scenes"]))

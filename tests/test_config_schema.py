@@ -1,4 +1,4 @@
-"""The config rules (transferrable/config_schema.py): every numeric key of every config group has a range, every
+"""The config rules (transferrable/core/config_schema.py): every numeric key of every config group has a range, every
 shipped config passes, and a bad value is one ``error: <key>=<value>: expected ...`` line with exit 2 before
 any work."""
 
@@ -12,10 +12,10 @@ import pytest
 from conftest import CONF_DIR, compose_train, point_paths_at
 from hydra.core.global_hydra import GlobalHydra
 
-import transferrable.runner as runner
-import transferrable.source as source
-from transferrable import config_schema as schema
-from transferrable.errors import ConfigError, exit_on_user_error
+import transferrable.run.runner as runner
+import transferrable.run.source as source
+from transferrable.core import config_schema as schema
+from transferrable.core.errors import ConfigError, exit_on_user_error
 
 # Numeric keys that take any real number on purpose (no range to check): the R-CNN SVM's hard-negative score
 # thresholds are SVM scores (their order, easy < hard, is a cross-check in config_schema).

@@ -9,7 +9,7 @@ import pytest
 from kill_switch import run_train
 from omegaconf import OmegaConf
 
-from transferrable.runner import evaluate_checkpoint
+from transferrable.run.runner import evaluate_checkpoint
 
 DDP = ["hardware=ddp_cpu", "trainer.devices=2", "logger=csv", "trainer.precision=32-true", "dataset.batch_size=32",
        "dataset.eval_batch_size=50", "trainer.max_epochs=4", "trainer.enable_model_summary=false",
@@ -101,13 +101,13 @@ def test_a_pipeline_not_written_for_ddp_is_refused_in_one_line(tmp_path, fmnist_
     is not rank-aware) stops before any work, naming the override."""
     from conftest import compose_train, point_paths_at, tiny_overrides
 
-    from transferrable.errors import ConfigError
-    from transferrable.runner import train
+    from transferrable.core.errors import ConfigError
+    from transferrable.run.runner import train
 
     overrides = [o for o in tiny_overrides(fmnist_dir) if not o.startswith(("dataset.data_dir", "dataset.augment"))]
-    cfg = point_paths_at(compose_train([*overrides, "task=classify", "pipeline._target_=engine.fit_test.plain_metrics",
+    cfg = point_paths_at(compose_train([*overrides, "task=classify", "pipeline._target_=engine.single_fit.plain_metrics",
                                         "hardware=ddp_cpu", "trainer.precision=32-true"]), tmp_path)
-    with pytest.raises(ConfigError, match=r"trainer.devices=2 .*\(engine.fit_test.plain_metrics\) runs on one process"):
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 .*\(engine.single_fit.plain_metrics\) runs on one process"):
         train(cfg)
     assert not (tmp_path / "metrics.json").exists()
 
@@ -126,7 +126,7 @@ def test_lrcn_on_two_processes_scores_every_video_once(fmnist_dir, tmp_path):
     """lrcn_activity on 2 processes: the frames cache is built once (prepare_data, before the ranks start), each
     rank scores its shard of the test videos, and the video accuracy is over every video, once: the 2-process run's
     test numbers equal its checkpoint tested by one process, and video_scores.npz holds each test video once."""
-    from transferrable.lrcn_scores import load_video_scores
+    from engine.lrcn.scores import load_video_scores
 
     run_dir = tmp_path / "ddp"
     done = run_train(LRCN, run_dir, f"dataset.source_dir={fmnist_dir}", f"paths.cache_dir={tmp_path / 'cache'}",

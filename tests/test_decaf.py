@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import models.linear_classifiers as lc
-import transferrable.runner as runner
+import transferrable.run.runner as runner
 from datamodules.base import DatasetError
 from datamodules.image_pool import Pool, check_pool, per_class_draw, protocol_split
-from engine.decaf_domain import setting_training_data
+from engine.decaf.domain import setting_training_data
+from engine.decaf.report import log_to_loggers
 from models.backbones import CaffeNetMini
 from models.linear_classifiers import (
     ClassifierSpec,
@@ -28,10 +29,9 @@ from models.linear_classifiers import (
     select_C,
     validation_subsplit,
 )
-from transferrable.decaf_report import log_to_loggers
-from transferrable.errors import ConfigError, exit_on_user_error
-from transferrable.feature_cache import FeatureCache, FeatureCacheWarning
-from transferrable.report import write_report
+from transferrable.core.errors import ConfigError, exit_on_user_error
+from transferrable.core.feature_cache import FeatureCache, FeatureCacheWarning
+from transferrable.run.report import write_report
 
 MINI = ["backbone.widths=[8,16,16,16,16]", "backbone.fc_dim=32"]
 TINY_DECAF = [
@@ -386,7 +386,7 @@ def test_default_source_weights_resolve_without_source_overrides(tmp_path):
     pretraining config must compose from it (an empty DictConfig used to break OmegaConf.to_container)."""
     from conftest import compose_train, point_paths_at
 
-    import transferrable.source as source
+    import transferrable.run.source as source
 
     cfg = point_paths_at(compose_train(["task=decaf"]), tmp_path)
     assert cfg.backbone.weights == f"source:{cfg.source_dataset}" and not cfg.source_overrides

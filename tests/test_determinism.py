@@ -53,7 +53,7 @@ NOT_COMPARED = ("time", "seconds", "per_s", "checkpoint", "_path")
 
 
 def _run(task: str, data_dir, where):
-    from transferrable.runner import train
+    from transferrable.run.runner import train
 
     if task in ("classify", "decaf", "bigan", "lrcn_video_description"):  # the IDX fixture (or no images at all)
         base = tiny_overrides(data_dir)

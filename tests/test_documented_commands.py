@@ -7,7 +7,7 @@ Karpathy JSON, Flickr30k, UCF101, Caltech-101 and Office-31 as image folders, MN
 - every train command's DataModule is instantiated, and set up when its dataset is a real layout (the
   generated sets are written on first use elsewhere: tests/test_voc_scenes.py, test_ucf101_motion.py, ...);
 - one command per task x real dataset pair that can run offline runs a tiny fit (``backbone.weights=null``, one
-  epoch of one batch, tiny task sizes) through ``transferrable.runner.train``;
+  epoch of one batch, tiny task sizes) through ``transferrable.run.runner.train``;
 - commands that cannot run here (``backbone.weights=hub``, ``hardware=gpu|multi_gpu|slurm``, ``eval.py`` on a
   run directory, ``ckpt_path=<run>``) are composed and set up only, and listed as such.
 
@@ -35,8 +35,8 @@ from test_datamodules import make_idx_dataset, write_image
 from test_rcnn_segmentation import write_shapes_voc
 from test_voc_scenes import ann, make_voc
 
-from transferrable.compat import check_task_dataset
-from transferrable.errors import ConfigError
+from transferrable.core.errors import ConfigError
+from transferrable.run.compat import check_task_dataset
 
 # ------------------------------------------------------------------------------------------------------------
 # collecting the commands
@@ -410,7 +410,7 @@ def test_rcnn_on_voc_is_documented_and_fit():
 
 @pytest.mark.parametrize("cmd", FITS, ids=[c.text for c in FITS])
 def test_documented_command_fits_one_batch(cmd, data_root, fmnist_dir, tmp_path):
-    from transferrable import runner
+    from transferrable.run import runner
 
     probe = compose_command(cmd, data_root, fmnist_dir, tmp_path)
     task = probe.task_name
@@ -433,7 +433,7 @@ DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_dataset_pair_instantiates(task, tmp_path):
-    """For every dataset a task accepts (transferrable/compat.py) and every backbone, the composed dataset node
+    """For every dataset a task accepts (transferrable/run/compat.py) and every backbone, the composed dataset node
     is one its DataModule takes: a task (or task x backbone) config never sets keys of one dataset only."""
     # the default backbone, and every backbone with a task x backbone (x dataset) config of this task
     special = {p.stem.split("-")[1] for g in ("task_backbone", "task_backbone_dataset")
@@ -459,7 +459,7 @@ def test_rcnn_dataset_settings_live_in_task_dataset_configs():
     sets to scenes x that backbone only (task_backbone_dataset); dataset=voc is conf/dataset/voc.yaml as it is. At
     run time the inputs are normalised as the weights were trained: a source:<dataset> representation's dataset
     statistics, or the hub weights' own."""
-    from transferrable.runner import apply_hub_normalisation, apply_source_normalisation
+    from transferrable.run.runner import apply_hub_normalisation, apply_source_normalisation
 
     scenes = compose_train(["task=rcnn"]).dataset
     assert (scenes.n_train, scenes.n_val, scenes.n_test) == (200, 50, 100)

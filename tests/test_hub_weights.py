@@ -216,7 +216,7 @@ def test_vgg16_hub_weights_load_from_the_hf_cache_offline(hf_cache):
 
 # -- normalisation follows the weights ---------------------------------------------------------------------------
 def _datamodule(make_cfg, *overrides):
-    from transferrable.runner import build_datamodule
+    from transferrable.run.runner import build_datamodule
 
     cfg = make_cfg(*overrides)
     return cfg, build_datamodule(cfg)
@@ -286,7 +286,7 @@ def _valid_but_wrong_checkpoint() -> bytes:
 
 @pytest.mark.parametrize("content", ["garbage", "truncated_zip", "other_weights"])
 def test_corrupt_cached_alexnet_is_one_line_naming_the_file(tmp_path, monkeypatch, offline, capsys, content):
-    from transferrable.errors import exit_on_user_error
+    from transferrable.core.errors import exit_on_user_error
 
     blob = {"garbage": b"not a checkpoint\n" * 10, "truncated_zip": _valid_but_wrong_checkpoint()[:500],
             "other_weights": _valid_but_wrong_checkpoint()}[content]

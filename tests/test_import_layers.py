@@ -1,10 +1,10 @@
 """Layers point one way: the project's import graph, function-local imports included, has no cycle.
 
-    core (transferrable.errors, atomic files, manifests, precision, ...)
+    core (transferrable.core.errors, atomic files, manifests, precision, ...)
       <- models/, datamodules/
       <- lightning_modules/, callbacks/
       <- engine/ (one pipeline per method)
-      <- transferrable.runner
+      <- transferrable.run.runner
       <- entry points (train.py, eval.py, bench/)
 
 Pure ``ast`` (nothing is imported), so it runs in well under a second. Every ``import`` and ``from ... import``
@@ -117,7 +117,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # cycle test is what keeps them in order); a module may import its own level or lower ones only.
 def layer(mod: str) -> int | None:
     top = mod.split(".")[0]
-    if mod == "transferrable.errors":
+    if mod == "transferrable.core.errors":
         return 0
     if top in ("models", "datamodules"):
         return 1
@@ -125,7 +125,7 @@ def layer(mod: str) -> int | None:
         return 2
     if top == "engine":
         return 3
-    if mod == "transferrable.runner":
+    if mod == "transferrable.run.runner":
         return 4
     if top in ("train", "eval", "bench"):
         return 5
@@ -141,8 +141,8 @@ def _describe(comp: list[str], graph: dict[str, set[str]]) -> str:
 def test_graph_sees_the_project():
     """The walk finds the packages and resolves imports (a broken walk would pass vacuously)."""
     graph = import_graph()
-    assert {"train", "eval", "transferrable.runner", "models.backbones", "datamodules.base"} <= set(graph)
-    assert "transferrable.runner" in graph["train"]
+    assert {"train", "eval", "transferrable.run.runner", "models.backbones", "datamodules.base"} <= set(graph)
+    assert "transferrable.run.runner" in graph["train"]
     assert any(graph[m] for m in graph if m.startswith("lightning_modules."))
 
 
@@ -152,8 +152,8 @@ def test_cycle_finder_finds_a_function_local_cycle(tmp_path):
 
 
 def test_errors_is_a_leaf():
-    """``transferrable.errors`` is imported by every layer, so it imports nothing of the project."""
-    assert import_graph()["transferrable.errors"] == set()
+    """``transferrable.core.errors`` is imported by every layer, so it imports nothing of the project."""
+    assert import_graph()["transferrable.core.errors"] == set()
 
 
 def test_no_import_cycles():

@@ -13,13 +13,14 @@ import yaml
 from conftest import ROOT, compose_train, point_paths_at
 from omegaconf import OmegaConf, open_dict
 
+from engine.lrcn.report import fuse, fusion_line
+from engine.lrcn.scores import load_video_scores, save_video_scores
 from lightning_modules.lrcn import LRCNActivityModule
 from models.backbones import CaffeNetMini
 from models.lrcn import LRCN, clip_starts
-from transferrable.lrcn_report import fuse, fusion_line
-from transferrable.lrcn_scores import load_video_scores, per_class_accuracy, save_video_scores
-from transferrable.report import write_report
-from transferrable.runner import train
+from transferrable.metrics.classification import per_class_accuracy
+from transferrable.run.report import write_report
+from transferrable.run.runner import train
 
 
 def _tiny_backbone(**kw) -> CaffeNetMini:
@@ -163,7 +164,7 @@ def test_confusion_png_goes_to_an_offline_wandb_run(tmp_path, fmnist_dir, monkey
 def test_eval_of_a_checkpoint_writes_the_video_scores_beside_it(tmp_path, fmnist_dir):
     """``eval.py ckpt_path=<LRCN checkpoint>``: the task's ``test_outputs`` write the per-video scores and the
     confusion matrix next to the checkpoint, as the run itself did in its directory (fusion reads either)."""
-    from transferrable.runner import evaluate_checkpoint
+    from transferrable.run.runner import evaluate_checkpoint
 
     cfg = _tiny_cfg(tmp_path, fmnist_dir, "lstm", "trainer.max_epochs=1", "dataset.clips_per_group=1",
                     "dataset.num_frames=16", "++trainer.enable_checkpointing=true")

@@ -17,8 +17,13 @@ from datamodules.caption_generator import NOUNS, caption_params, scene_captions,
 from datamodules.coco_captions import COCOCaptionsDataModule
 from datamodules.scene_generator import generate_scenes, scene_params
 from models.lrcn_caption import LRCNCaptioner
-from transferrable.caption_eval import JavaMissingWarning, MeteorSession, caption_metrics, retrieval_metrics
-from transferrable.vocabulary import BOS, EOS, PAD, UNK, Vocabulary, VocabularyMismatchError, tokenize
+from transferrable.core.vocabulary import BOS, EOS, PAD, UNK, Vocabulary, VocabularyMismatchError, tokenize
+from transferrable.metrics.caption_eval import (
+    JavaMissingWarning,
+    MeteorSession,
+    caption_metrics,
+    retrieval_metrics,
+)
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 SMALL = {"n_train": 24, "n_val": 6, "n_test": 10, "image_size": (96, 72), "seed": 5, "max_objects": 3,
@@ -215,7 +220,7 @@ def test_sampling_at_high_inverse_temperature_is_greedy_and_keeps_the_most_proba
 
 # -- metrics ----------------------------------------------------------------------------------------
 def test_caption_metrics_hand_computed_without_java(monkeypatch):
-    monkeypatch.setattr("transferrable.caption_eval.shutil.which", lambda name: None)
+    monkeypatch.setattr("transferrable.metrics.caption_eval.shutil.which", lambda name: None)
     refs = {0: ["a red coat on the grass"], 1: ["two blue bags"]}
     hyps = {0: "a red coat", 1: "two blue bags"}
     with pytest.warns(JavaMissingWarning):
@@ -294,7 +299,7 @@ def _caption_cfg(make_cfg, items_dir, tmp_path, *extra, out="run"):
 
 @pytest.mark.slow
 def test_tiny_training_beats_baselines_and_checkpoint_round_trip(make_cfg, items_dir, tmp_path):
-    from transferrable.runner import train
+    from transferrable.run.runner import train
 
     metrics = train(_caption_cfg(make_cfg, items_dir, tmp_path))
     run = tmp_path / "run"
@@ -323,7 +328,7 @@ def test_tiny_training_beats_baselines_and_checkpoint_round_trip(make_cfg, items
 
 
 def test_report_merges_per_run_tables(tmp_path):
-    from transferrable.report import write_report
+    from transferrable.run.report import write_report
 
     for i, label in enumerate(["RNN 1u (frozen)", "LSTM 2f (frozen)"]):
         run = tmp_path / str(i)

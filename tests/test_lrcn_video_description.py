@@ -46,7 +46,7 @@ def test_tuple_encoder_reads_the_max_of_each_slot():
 
 @pytest.mark.slow
 def test_tiny_video_description_beats_the_frequent_sentence(make_cfg, tmp_path):
-    from transferrable.runner import train
+    from transferrable.run.runner import train
 
     cfg = make_cfg("task=lrcn_video_description", "dataset.n_train=150", "dataset.n_val=20", "dataset.n_test=40",
                    "dataset.vocab_min_count=2", "video.hidden=64", "video.embed=32", "video.input=prob",

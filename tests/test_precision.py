@@ -1,4 +1,4 @@
-"""The CPU precision policy (transferrable/precision.py): bf16 autocast only with native bf16, an explicit
+"""The CPU precision policy (transferrable/core/precision.py): bf16 autocast only with native bf16, an explicit
 precision always wins, the switch forces the decision, and the recurrent tasks survive bf16 autocast on a CPU
 without a bf16 LSTM (AVX2-only; reproduced here by capping oneDNN's ISA)."""
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import ROOT, compose_train, point_paths_at, tiny_overrides
 
-from transferrable import precision as policy
-from transferrable.errors import find_user_error
-from transferrable.runner import apply_precision_policy, train
+from transferrable.core import precision as policy
+from transferrable.core.errors import find_user_error
+from transferrable.run.runner import apply_precision_policy, train
 
 
 @pytest.fixture
@@ -88,7 +88,7 @@ def test_hardware_cpu_defaults_to_auto_and_the_choice_is_recorded(forced, fmnist
     hparams = next(tmp_path.rglob("hparams.yaml")).read_text()
     assert "precision_policy" in hparams and "TRANSFERRABLE_CPU_BF16=0" in hparams
 
-    from transferrable.source import _pretraining_config
+    from transferrable.run.source import _pretraining_config
 
     forced("1")
     cfg = point_paths_at(compose_train(["hardware=cpu", "backbone.weights=source:fashion_mnist"]), tmp_path / "b")

@@ -13,7 +13,7 @@ from models.rcnn import proposals as P
 from models.rcnn.bbox_regression import BoxRegressor, decode, encode
 from models.rcnn.regions import assign_labels, class_max_iou, context_boxes, scaled_pad, warp_regions
 from models.rcnn.svm import HardNegativeMiner, fit_linear_svm, norm_scale
-from transferrable.voc_eval import average_precision, box_iou, evaluate_class, evaluate_detections
+from transferrable.metrics.voc_eval import average_precision, box_iou, evaluate_class, evaluate_detections
 
 A, B, C = [0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]
 FAR = [50, 50, 60, 60]
@@ -231,9 +231,9 @@ def test_rcnn_end_to_end_beats_random_scoring(fmnist_dir, tmp_path):
     from conftest import compose_train, point_paths_at
     from omegaconf import open_dict
 
-    from engine.rcnn import run as rcnn_pipeline
+    from engine.rcnn.pipeline import run as rcnn_pipeline
     from models.rcnn.detection import detect_boxes
-    from transferrable.runner import build_datamodule, build_model, build_trainer
+    from transferrable.run.runner import build_datamodule, build_model, build_trainer
 
     cfg = compose_train([
         "task=rcnn", "logger=none", "hardware=cpu", "trainer.precision=32-true", "backbone.weights=null",
@@ -334,7 +334,7 @@ def test_module_defaults_are_the_yaml_and_hparams_load_weights_only(tmp_path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from engine.rcnn import optimizer_key
+    from engine.rcnn.keys import optimizer_key
     from lightning_modules.rcnn import RCNNModule
     from lightning_modules.rcnn_segmentation import RCNNSegmentationModule
     from models.backbones import CaffeNetMini
@@ -356,7 +356,7 @@ def test_module_defaults_are_the_yaml_and_hparams_load_weights_only(tmp_path):
     seg = RCNNSegmentationModule(CaffeNetMini(input_size=32), 3, layers=["fc6"])
     assert seg.cfg == {**OmegaConf.to_container(compose_train(["task=rcnn_segmentation"]).rcnn_segmentation),
                        "layers": ["fc6"]}
-    from transferrable.errors import ConfigError
+    from transferrable.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="rcnn: no such key"):
         RCNNModule(CaffeNetMini(input_size=32), 3, iteration=5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferrable.detection_analysis import (
+from engine.rcnn.analysis import (
     breakdown_curve,
     false_positive_types,
     plot_false_positive_breakdown,
@@ -41,7 +41,7 @@ def test_fp_plot_and_top_regions(tmp_path):
 
 
 def test_single_run_cells_print_without_std():
-    from transferrable.report import render_table
+    from transferrable.run.report import render_table
 
     t = {"title": "t", "corner": "v", "columns": ["a", "b", "c"], "rows": [{"label": "r", "cells": [[12.345], [1.0, 0.5], None]}]}
     assert "| r | 12.35 | 1.00 ± 0.50 | - |" in render_table(t)
@@ -177,7 +177,7 @@ def test_roi_batches_take_whole_images_positives_first():
 def test_roi_fine_tuning_trains_conv_layers_through_roi_pooling():
     """The Fast R-CNN path is differentiable down to conv1, its logits in eval mode equal the head on the
     roi_pool test features of the same boxes, and a few SGD steps fit a fixed minibatch."""
-    from engine.rcnn import window_accuracy
+    from engine.rcnn.finetune import window_accuracy
     from lightning_modules.rcnn import RCNNModule
     from models.backbones import CaffeNetMini
     from models.rcnn.regions import assign_labels

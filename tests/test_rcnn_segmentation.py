@@ -12,7 +12,7 @@ from datamodules.base import DatasetError
 from datamodules.scene_generator import encode_palette_png
 from models.rcnn.seg_regions import paste_labels, region_quality, warp_full_and_fg, warp_masks
 from models.rcnn.segments import SegmentCache, SegmentProposals, hierarchical_grouping, mask_boxes
-from transferrable.seg_eval import ConfusionMatrix, mean_iou
+from transferrable.metrics.seg_eval import ConfusionMatrix, mean_iou
 
 
 def _blocks(w=64, h=48):
@@ -249,8 +249,8 @@ def test_rcnn_segmentation_end_to_end_beats_background(tmp_path):
     from conftest import compose_train, point_paths_at
     from omegaconf import open_dict
 
-    from engine.rcnn_segmentation import run as segmentation_pipeline
-    from transferrable.runner import build_datamodule, build_model, build_trainer
+    from engine.rcnn.segmentation import run as segmentation_pipeline
+    from transferrable.run.runner import build_datamodule, build_model, build_trainer
 
     data = write_shapes_voc(tmp_path / "VOCShapes", 32)
     cfg = compose_train([

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from transferrable import results_docs as rd
+from transferrable.run import results_docs as rd
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = rd.methods()

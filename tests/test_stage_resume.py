@@ -15,9 +15,9 @@ from conftest import compose_train, point_paths_at
 from kill_switch import run_train
 from test_determinism import QUIET, TASKS, _comparable
 
-import transferrable.runner as runner
+import transferrable.run.runner as runner
 from lightning_modules.rcnn import RCNNModule
-from transferrable.feature_cache import FeatureCache
+from transferrable.core.feature_cache import FeatureCache
 
 
 class _Killed(Exception):

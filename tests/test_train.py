@@ -15,8 +15,8 @@ import yaml
 from conftest import ROOT, compose_train, point_paths_at, tiny_overrides
 from omegaconf import open_dict
 
-import transferrable.runner as runner
-import transferrable.source as source
+import transferrable.run.runner as runner
+import transferrable.run.source as source
 from models.backbones import CaffeNetMini
 
 # caffenet_mini narrow enough to learn the fixture in a few seconds on 2 cores
@@ -150,7 +150,7 @@ class _CreatesFile:
 
 @pytest.mark.slow  # one eval.py subprocess
 def test_crafted_pickle_never_runs(make_cfg, tmp_path):
-    from transferrable.errors import find_user_error
+    from transferrable.core.errors import find_user_error
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
@@ -248,7 +248,7 @@ def test_unknown_source_dataset_lists_choices(cfg_train):
 
 # -- ablation report ----------------------------------------------------------------------------
 def test_report_over_a_fake_multirun(make_cfg, tmp_path):
-    from transferrable.report import write_report
+    from transferrable.run.report import write_report
 
     sweep = tmp_path / "multirun"
     runs = {}
@@ -283,7 +283,7 @@ def test_report_over_a_fake_multirun(make_cfg, tmp_path):
 
 
 def test_report_without_runs(tmp_path):
-    from transferrable.report import write_report
+    from transferrable.run.report import write_report
 
     with pytest.raises(FileNotFoundError, match="no run with metrics.json"):
         write_report(tmp_path)

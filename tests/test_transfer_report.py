@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from transferrable.report import collect_runs, write_report
-from transferrable.transfer_report import source_label, table_5_2
+from engine.bigan.transfer_report import source_label, table_5_2
+from transferrable.run.report import collect_runs, write_report
 
 SOURCES = ["bigan:fashion_mnist", "null", "source:fashion_mnist"]  # the sweep's order in conf/experiment
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]

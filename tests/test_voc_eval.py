@@ -1,4 +1,4 @@
-"""``transferrable.voc_eval`` against a devkit-faithful reference, on random detections and hand cases.
+"""``transferrable.metrics.voc_eval`` against a devkit-faithful reference, on random detections and hand cases.
 
 ``devkit_voc_eval`` below is py-faster-rcnn's ``lib/datasets/voc_eval.py`` (``voc_eval`` + ``voc_ap``)
 translated line by line, one detection at a time, with the suite's conventions where they differ (each
@@ -19,7 +19,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transferrable.voc_eval import VOC07_THRESHOLDS, average_precision, evaluate_class, evaluate_detections
+from transferrable.metrics.voc_eval import (
+    VOC07_THRESHOLDS,
+    average_precision,
+    evaluate_class,
+    evaluate_detections,
+)
 
 
 # -- the reference ----------------------------------------------------------------------------------------

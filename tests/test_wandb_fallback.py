@@ -10,7 +10,7 @@ import socket
 import pytest
 from hydra.utils import instantiate
 
-from transferrable.wandb_logger import make_wandb_logger, why_offline
+from transferrable.core.wandb_logger import make_wandb_logger, why_offline
 
 
 @pytest.fixture

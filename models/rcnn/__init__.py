@@ -1,5 +1,5 @@
 """R-CNN building blocks (thesis ch. 3.1): proposals, region warping, region data sets and fine-tuning minibatches,
 SVMs with hard negatives, box regression, NMS, segments.
 
-Plain modules (no Lightning); ``engine/rcnn.py`` and ``engine/rcnn_segmentation.py`` drive them.
+Plain modules (no Lightning); ``engine/rcnn/pipeline.py`` and ``engine/rcnn/segmentation.py`` drive them.
 """

@@ -12,7 +12,7 @@ Policy for an image where proposals come back empty (a flat image, or everything
 ``sliding_windows`` of that image (counted as ``empty_fallback`` in ``ProposalCache.stats`` and logged), so
 every image is scored; the whole image box is always among those windows.
 
-``ProposalCache``: an ``ArtifactCache`` (``transferrable.artifact_cache``) of one ``.npz`` per image under the cache
+``ProposalCache``: an ``ArtifactCache`` (``transferrable.core.artifact_cache``) of one ``.npz`` per image under the cache
 directory, named by image id + method + the parameters (mode, width, ...); it stores the image size it was computed for. A file whose stored size
 differs from the image's (a cache left from another image size with the same ids, e.g. regenerated scenes)
 is reported with a warning, counted as ``size_mismatch`` and recomputed; a truncated or damaged file, or one
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferrable.artifact_cache import ABSENT, ArtifactCache, digest
+from transferrable.core.artifact_cache import ABSENT, ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 

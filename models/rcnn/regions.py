@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from transferrable.voc_eval import box_iou
+from transferrable.metrics.voc_eval import box_iou
 
 REFERENCE_SIZE, REFERENCE_PAD = 227, 16
 

@@ -23,7 +23,7 @@ result is a deterministic function of the image and the parameters.
 Policy for an image that yields no region (every region under ``min_area``, e.g. a tiny image with a huge
 ``min_area``): the whole image is its one region, counted as ``whole_image_fallback`` in ``stats``.
 
-``SegmentCache``: an ``ArtifactCache`` (``transferrable.artifact_cache``) of one ``.npz`` per image (masks bit-packed,
+``SegmentCache``: an ``ArtifactCache`` (``transferrable.core.artifact_cache``) of one ``.npz`` per image (masks bit-packed,
 the manifest inside) named by image id + a digest of the parameters, storing the image size it was computed for; a
 size mismatch or unreadable file is reported, counted (``size_mismatch`` / ``corrupt``) and recomputed. Writes are
 atomic.
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferrable.artifact_cache import ABSENT, ArtifactCache, digest
+from transferrable.core.artifact_cache import ABSENT, ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 

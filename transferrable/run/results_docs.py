@@ -1,0 +1,402 @@
+"""Measured results as data: ``docs/results/data/<method>.json`` -> ``docs/results/<method>.md``.
+
+Every measured table of the suite lives in one JSON file per method, next to the thesis's numbers for the same
+table and a one-line verdict per thesis claim. The Markdown pages are generated from it, never edited by hand:
+
+    python -m transferrable.run.results_docs            # regenerate docs/results/*.md (what `make docs` runs)
+    python -m transferrable.run.results_docs --check    # exit 1 if a page is not what its JSON renders to
+    python -m transferrable.run.results_docs --from-report <sweep dir> --method rcnn --table rcnn_layers \
+        [--report-title "<title of the run's tables.json table>"]
+
+``--from-report`` folds a fresh sweep into a table: it reads the ``tables.json`` that the sweep's runs wrote
+(the tables ``python eval.py report=<sweep dir>`` prints after its run table), replaces that table's columns and
+rows with them, records where and when they came from, marks the verdicts for review, and regenerates the page.
+
+A table (one entry of ``tables``) holds:
+
+* ``id``, ``title``, ``command`` (a string or a list of command lines that reproduce it);
+* ``measured``: what the README said about the measurement (``when``, ``date``, ``machine``, ``cpu_kind``,
+  ``precision``, ``recorded_in`` -- the README commit that recorded it); values not known are said so;
+* ``columns`` (the first one heads the row labels), ``rows`` (our numbers; cells are numbers, strings or null),
+  optional ``decimals`` (an int, or one per column) and ``bold`` (``[row, column]`` pairs);
+  ``rows`` may be empty only with ``not_measured`` saying why;
+* ``thesis`` (``source``, ``rows``, optional ``columns``/``decimals``/``bold``: without ``columns`` its rows
+  share our columns and are shown in our table) or ``no_thesis`` (why there is no thesis counterpart);
+* ``verdicts``: ``[{claim, verdict, evidence}]``, verdict one of ``VERDICTS``;
+* optional ``setup``, ``unit``, ``notes`` and ``review`` (set by ``--from-report``).
+
+Standard library only (plus ``transferrable.core.atomic``), so the docs build needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transferrable.core.atomic import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "docs" / "results"
+DATA_DIR = RESULTS_DIR / "data"
+COMMAND = "make docs"
+MODULE_COMMAND = "python -m transferrable.run.results_docs"
+VERDICTS = ("held", "partly", "not held", "not measured")
+# page order: the thesis's chapters, then the suite's own figures
+ORDER = ("classify", "decaf", "rcnn", "rcnn_segmentation", "lrcn_activity", "lrcn_caption",
+         "video_description", "bigan", "benchmarks")
+_ID = re.compile(r"^[a-z0-9_]+$")
+_REPORT_TABLES = "tables.json"
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+def methods(data_dir: Path = DATA_DIR) -> list[str]:
+    names = sorted(p.stem for p in data_dir.glob("*.json"))
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def load(method: str, data_dir: Path = DATA_DIR) -> dict:
+    return json.loads((data_dir / f"{method}.json").read_text(encoding="utf-8"))
+
+
+def dump_json(obj: Any) -> str:
+    """JSON with two-space indentation, but a list of plain values (a table row) on one line."""
+
+    def enc(o: Any, level: int) -> str:
+        pad, inner = "  " * level, "  " * (level + 1)
+        if isinstance(o, dict):
+            if not o:
+                return "{}"
+            items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {enc(v, level + 1)}" for k, v in o.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        if isinstance(o, list):
+            if all(not isinstance(v, dict | list) for v in o):
+                return "[" + ", ".join(json.dumps(v, ensure_ascii=False) for v in o) + "]"
+            return "[\n" + ",\n".join(inner + enc(v, level + 1) for v in o) + "\n" + pad + "]"
+        return json.dumps(o, ensure_ascii=False)
+
+    return enc(obj, 0) + "\n"
+
+
+def _check_grid(where: str, columns: Sequence, rows: Sequence, decimals: Any, bold: Any) -> list[str]:
+    problems = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(columns):
+            problems.append(f"{where}: row {i} has {len(row) if isinstance(row, list) else '?'} cells, "
+                            f"expected {len(columns)}")
+            continue
+        for cell in row:
+            if cell is not None and not isinstance(cell, str | int | float):
+                problems.append(f"{where}: row {i}: cell {cell!r} is not a number, string or null")
+    if isinstance(decimals, list) and len(decimals) != len(columns):
+        problems.append(f"{where}: decimals has {len(decimals)} entries for {len(columns)} columns")
+    for pair in bold or []:
+        if (not isinstance(pair, list) or len(pair) != 2 or not 0 <= pair[0] < len(rows)
+                or not 0 <= pair[1] < len(columns)):
+            problems.append(f"{where}: bold {pair!r} is outside the table")
+    return problems
+
+
+def validate(data: dict, method: str | None = None) -> list[str]:
+    """Everything a page needs, as a list of problems (empty: fine)."""
+    problems: list[str] = []
+    name = data.get("method", "?")
+    if method is not None and name != method:
+        problems.append(f"{method}.json: method is {name!r}, expected {method!r}")
+    for key in ("title", "tables"):
+        if not data.get(key):
+            problems.append(f"{name}: missing {key!r}")
+    seen: set[str] = set()
+    for t in data.get("tables") or []:
+        tid = t.get("id", "?")
+        where = f"{name}/{tid}"
+        if not isinstance(tid, str) or not _ID.match(tid):
+            problems.append(f"{where}: id must match {_ID.pattern}")
+        if tid in seen:
+            problems.append(f"{where}: duplicate id")
+        seen.add(tid)
+        for key in ("title", "command", "measured", "columns", "verdicts"):
+            if not t.get(key):
+                problems.append(f"{where}: missing {key!r}")
+        command = t.get("command")
+        if isinstance(command, list) and not all(isinstance(c, str) and c for c in command):
+            problems.append(f"{where}: command lines must be non-empty strings")
+        columns = t.get("columns") or []
+        rows = t.get("rows")
+        if not isinstance(rows, list):
+            problems.append(f"{where}: missing 'rows'")
+            rows = []
+        if not rows and not t.get("not_measured"):
+            problems.append(f"{where}: no rows and no 'not_measured' reason")
+        problems += _check_grid(where, columns, rows, t.get("decimals"), t.get("bold"))
+        thesis, no_thesis = t.get("thesis"), t.get("no_thesis")
+        if bool(thesis) == bool(no_thesis):
+            problems.append(f"{where}: needs exactly one of 'thesis' and 'no_thesis'")
+        if thesis:
+            if not thesis.get("source"):
+                problems.append(f"{where}: thesis without 'source'")
+            if not thesis.get("rows"):
+                problems.append(f"{where}: thesis without 'rows'")
+            problems += _check_grid(f"{where}/thesis", thesis.get("columns") or columns, thesis.get("rows") or [],
+                                    thesis.get("decimals"), thesis.get("bold"))
+        for v in t.get("verdicts") or []:
+            if not all(isinstance(v.get(k), str) and v.get(k) for k in ("claim", "verdict", "evidence")):
+                problems.append(f"{where}: a verdict needs claim, verdict and evidence")
+            elif v["verdict"] not in VERDICTS:
+                problems.append(f"{where}: verdict {v['verdict']!r} is not one of {VERDICTS}")
+    return problems
+
+
+# -- rendering -------------------------------------------------------------------------------------------------
+
+def _cell(value: Any, decimals: int | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and decimals is not None:
+        text = f"{value:.{decimals}f}"
+    elif isinstance(value, int | float):
+        text = str(value)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _decimals(spec: Any, column: int) -> int | None:
+    if isinstance(spec, list):
+        return spec[column]
+    return spec
+
+
+def _table(columns: Sequence[str], blocks: Sequence[tuple[Sequence[list], Any, Any, str]]) -> list[str]:
+    """A Markdown table; each block is (rows, decimals, bold, label prefix)."""
+    lines = ["| " + " | ".join(_cell(c, None) for c in columns) + " |", "|" + "---|" * len(columns)]
+    for rows, decimals, bold, prefix in blocks:
+        bold_cells = {tuple(p) for p in bold or []}
+        for i, row in enumerate(rows):
+            cells = []
+            for j, value in enumerate(row):
+                text = _cell(value, _decimals(decimals, j))
+                if j == 0 and prefix:
+                    text = prefix + text
+                if (i, j) in bold_cells and value is not None:
+                    text = f"**{text}**"
+                cells.append(text)
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _measured_line(m: dict) -> str:
+    parts = []
+    for key, label in (("when", None), ("date", "date"), ("machine", None), ("cpu_kind", "CPU kind"),
+                       ("precision", "precision"), ("source", "from"), ("recorded_in", "recorded in README commit")):
+        value = m.get(key)
+        if value:
+            parts.append(f"{label} {value}" if label else str(value))
+    return "; ".join(parts)
+
+
+def _command_block(command: str | list[str]) -> list[str]:
+    lines = command if isinstance(command, list) else [command]
+    return ["```bash", *lines, "```"]
+
+
+def render_table(t: dict) -> list[str]:
+    out = [f'<a id="{t["id"]}"></a>', "", f"## {t['title']}", ""]
+    out += ["Reproduce:", "", *_command_block(t["command"]), ""]
+    out += [f"Measured: {_measured_line(t['measured'])}.", ""]
+    if t.get("review"):
+        out += [f"> **Needs review:** {t['review']}", ""]
+    if t.get("setup"):
+        out += [t["setup"], ""]
+    if t.get("unit"):
+        out += [f"Unit: {t['unit']}.", ""]
+    thesis = t.get("thesis")
+    shared = bool(thesis) and not thesis.get("columns")
+    if t.get("not_measured"):
+        out += [f"*Not measured yet:* {t['not_measured']}", ""]
+    blocks = [(t.get("rows") or [], t.get("decimals"), t.get("bold"), "")]
+    if shared:
+        blocks.append((thesis["rows"], thesis.get("decimals", t.get("decimals")), thesis.get("bold"), "*thesis:* "))
+    if any(rows for rows, *_ in blocks):
+        out += _table(t["columns"], blocks) + [""]
+    if thesis:
+        where = "the *thesis:* rows above" if shared else "the table below"
+        out += [f"Thesis ({where}): {thesis['source']}", ""]
+        if not shared:
+            out += _table(thesis["columns"], [(thesis["rows"], thesis.get("decimals"), thesis.get("bold"), "")])
+            out += [""]
+    else:
+        out += [f"Thesis: no counterpart. {t['no_thesis']}", ""]
+    out += ["Verdicts:", ""]
+    out += [f"- **{v['verdict']}**: {v['claim']} *Ours:* {v['evidence']}" for v in t["verdicts"]]
+    out += [""]
+    if t.get("notes"):
+        out += ["Notes:", ""] + [f"- {n}" for n in t["notes"]] + [""]
+    return out
+
+
+def _tally(tables: Sequence[dict]) -> str:
+    counts = {v: 0 for v in VERDICTS}
+    for t in tables:
+        for v in t["verdicts"]:
+            counts[v["verdict"]] += 1
+    return ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+
+
+def header(source: str) -> str:
+    return (f"<!-- Generated by `{COMMAND}` ({MODULE_COMMAND}) from {source}. Do not edit: change the JSON and "
+            f"run `{COMMAND}`; tests/test_results_docs.py fails when the two disagree. -->")
+
+
+def render_method(data: dict) -> str:
+    problems = validate(data)
+    if problems:
+        raise ValueError("; ".join(problems))
+    method = data["method"]
+    out = [header(f"docs/results/data/{method}.json"), "", f"# {data['title']}", ""]
+    for para in data.get("intro") or []:
+        out += [para, ""]
+    if data.get("usage"):
+        out += [f"How to run it: [{data['usage']}](../../{data['usage']}). All results: [index](README.md).", ""]
+    out += ["| table | verdicts |", "|---|---|"]
+    out += [f"| [{_cell(t['title'], None)}](#{t['id']}) | {_tally([t])} |" for t in data["tables"]]
+    out += [""]
+    for t in data["tables"]:
+        out += render_table(t)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def render_index(all_data: Sequence[dict]) -> str:
+    out = [header("docs/results/data/*.json"), "", "# Measured results", "",
+           "Every measured table of the suite, the thesis's numbers beside ours, and a verdict per thesis claim.",
+           "The numbers are data in [data/](data/); these pages are generated from it.", "",
+           "| method | tables | verdicts |", "|---|---|---|"]
+    for d in all_data:
+        out.append(f"| [{d['title']}]({d['method']}.md) | {len(d['tables'])} | {_tally(d['tables'])} |")
+    out += [""]
+    for d in all_data:
+        out += [f"## [{d['title']}]({d['method']}.md)", ""]
+        for t in d["tables"]:
+            command = t["command"] if isinstance(t["command"], str) else t["command"][0]
+            out.append(f"- [{_cell(t['title'], None)}]({d['method']}.md#{t['id']}): `{command}`")
+        out += [""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def render_all(data_dir: Path = DATA_DIR) -> dict[str, str]:
+    """``{file name: Markdown}`` for every page under ``docs/results/``."""
+    all_data = [load(m, data_dir) for m in methods(data_dir)]
+    pages = {f"{d['method']}.md": render_method(d) for d in all_data}
+    pages["README.md"] = render_index(all_data)
+    return pages
+
+
+def write_all(data_dir: Path = DATA_DIR, out_dir: Path = RESULTS_DIR, check: bool = False) -> list[Path]:
+    """Write (or with ``check`` only compare) every page; returns the pages that were (or would be) changed."""
+    changed = []
+    for name, text in render_all(data_dir).items():
+        path = out_dir / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            changed.append(path)
+            if not check:
+                atomic_write_text(path, text)
+    return changed
+
+
+# -- folding in a fresh sweep ----------------------------------------------------------------------------------
+
+def _report_cell(cell: Any) -> Any:
+    if cell is None:
+        return None
+    if len(cell) < 2 or cell[1] is None:
+        return float(cell[0])
+    return f"{cell[0]:.2f} ± {cell[1]:.2f}"
+
+
+def fold_report(data: dict, table_id: str, sweep_dir: str | Path, report_title: str | None = None,
+                today: str | None = None) -> dict:
+    """A copy of ``data`` whose table ``table_id`` holds the numbers of a sweep's ``tables.json`` files.
+
+    The run tables with the title ``report_title`` (default: the table's ``report_title``, else the only title
+    there is) are merged in run order, as ``eval.py report=`` merges them; cells ``[mean, std]`` become
+    ``"mean ± std"``, single values stay numbers.
+    """
+    sweep = Path(sweep_dir)
+    files = sorted(sweep.rglob(_REPORT_TABLES), key=lambda p: [(0, int(s)) if s.isdigit() else (1, s)
+                                                              for s in p.relative_to(sweep).parts])
+    if not files:
+        raise FileNotFoundError(f"--from-report {sweep}: no {_REPORT_TABLES} below it")
+    data = json.loads(json.dumps(data))
+    table = next((t for t in data["tables"] if t["id"] == table_id), None)
+    if table is None:
+        raise KeyError(f"{data['method']}: no table {table_id!r} (have {[t['id'] for t in data['tables']]})")
+    found = [t for f in files for t in json.loads(f.read_text(encoding="utf-8"))]
+    titles = list(dict.fromkeys(t["title"] for t in found))
+    title = report_title or table.get("report_title") or (titles[0] if len(titles) == 1 else None)
+    picked = [t for t in found if t["title"] == title]
+    if not picked:
+        raise KeyError(f"--from-report {sweep}: say which table with --report-title, one of {titles}")
+    table["report_title"] = title
+    columns = [picked[0].get("corner", ""), *picked[0]["columns"]]
+    if table.get("thesis") and not table["thesis"].get("columns") and columns != table["columns"]:
+        table["thesis"]["columns"] = table["columns"]  # the thesis rows keep the columns they were written for
+    table["columns"] = columns
+    table["rows"] = [[row["label"], *(_report_cell(c) for c in row["cells"])] for t in picked for row in t["rows"]]
+    table["decimals"] = 2
+    table.pop("bold", None)
+    table.pop("not_measured", None)
+    precisions = sorted({str(json.loads(m.read_text()).get("precision")) for m in sweep.rglob("metrics.json")}
+                        - {"None"})
+    date = today or _dt.date.today().isoformat()
+    table["measured"] = {"date": date, "machine": "see the runs' logs", "source": f"eval.py report={sweep}",
+                         **({"precision": ", ".join(precisions)} if precisions else {})}
+    table["review"] = (f"numbers refreshed from {sweep} on {date}; the verdicts and notes were written for the "
+                       "previous numbers: re-check them, then delete 'review' from the JSON")
+    return data
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=MODULE_COMMAND, description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a page is stale")
+    parser.add_argument("--from-report", metavar="SWEEP_DIR", help="fold a sweep's tables.json into a table")
+    parser.add_argument("--method", help="with --from-report: the JSON file (e.g. rcnn)")
+    parser.add_argument("--table", help="with --from-report: the table id (e.g. rcnn_layers)")
+    parser.add_argument("--report-title", help="with --from-report: the run table's title to take")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    problems = [p for m in methods(args.data_dir) for p in validate(load(m, args.data_dir), m)]
+    if problems:
+        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+        return 2
+    if args.from_report:
+        if not (args.method and args.table):
+            parser.error("--from-report needs --method and --table")
+        data = fold_report(load(args.method, args.data_dir), args.table, args.from_report, args.report_title)
+        atomic_write_text(args.data_dir / f"{args.method}.json", dump_json(data))
+        print(f"{args.method}.json: table {args.table} now holds the numbers of {args.from_report}; "
+              "re-check its verdicts")
+    changed = write_all(args.data_dir, args.out_dir, check=args.check)
+    for path in changed:
+        print(f"{'stale' if args.check else 'wrote'}: {path}")
+    if args.check and changed:
+        print(f"run `{COMMAND}` to regenerate", file=sys.stderr)
+        return 1
+    if not changed:
+        print(f"docs/results: {len(methods(args.data_dir))} method pages and the index are up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
