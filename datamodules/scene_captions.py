@@ -5,8 +5,8 @@ Karpathy split file it writes (train / val / test = the scenes' splits)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.caption_generator import caption_key, caption_params, write_caption_dataset
@@ -14,6 +14,7 @@ from datamodules.coco_captions import COCOCaptionsDataModule
 from datamodules.scene_generator import (
     DATASET_NAME,
     FASHION_MNIST_DIR,
+    SceneSpec,
     generate_scenes,
     scene_key,
     scene_params,
@@ -23,31 +24,17 @@ from datamodules.scene_generator import (
 class SceneCaptionsDataModule(COCOCaptionsDataModule):
     name = "scene_captions"
 
-    def __init__(
-        self,
-        root: str | Path = ".cache/scene_captions",
-        scene_root: str | Path = ".cache/scenes",
-        n_train: int = 1000,
-        n_val: int = 100,
-        n_test: int = 200,
-        image_size: Sequence[int] = (160, 120),
-        scene_seed: int = 0,
-        caption_seed: int = 0,
-        captions_per_image: int = 5,
-        min_objects: int = 1,
-        max_objects: int = 4,
-        source_dir: str | Path = FASHION_MNIST_DIR,
-        progress: bool = True,
-        **kwargs,
-    ):
+    def __init__(self, root: str | Path = ".cache/scene_captions", scene_root: str | Path = ".cache/scenes",
+                 scene_seed: int = 0, caption_seed: int = 0, captions_per_image: int = 5,
+                 source_dir: str | Path = FASHION_MNIST_DIR, progress: bool = True, **kwargs):
         kwargs.pop("data_dir", None)
         kwargs.pop("karpathy_json", None)
+        # the scene knobs (n_*, image_size, min/max_objects, ...) are SceneSpec's
+        spec = SceneSpec.pop_from(kwargs, seed=scene_seed, data_dir=source_dir)
         super().__init__(data_dir=None, **kwargs)
         self.root = Path(os.path.expanduser(str(root)))
         self.scene_root = Path(os.path.expanduser(str(scene_root)))
-        self.generation = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": list(image_size),
-                           "seed": scene_seed, "min_objects": min_objects, "max_objects": max_objects,
-                           "source": "fashion_mnist", "data_dir": source_dir}
+        self.generation = dataclasses.asdict(spec)
         self.caption_seed, self.captions_per_image = int(caption_seed), int(captions_per_image)
         self.progress = progress
 

@@ -39,6 +39,7 @@ import logging
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -168,43 +169,60 @@ def _item_cutout(item: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 # ---------------------------------------------------------------------------------------------------
 # parameters, manifest, reuse
 # ---------------------------------------------------------------------------------------------------
-def scene_params(
-    n_train: int,
-    n_val: int,
-    n_test: int,
-    image_size: Sequence[int] = (160, 120),
-    seed: int = 0,
-    min_objects: int = 1,
-    max_objects: int = 6,
-    source: str = "fashion_mnist",
-    data_dir: str | Path = FASHION_MNIST_DIR,
-    void_width: int = 1,
-    jpeg_quality: int = 90,
-) -> dict:
-    """The parameters that determine a generated data set (what the manifest records and compares)."""
-    w, h = (int(v) for v in image_size)
-    counts = {"n_train": int(n_train), "n_val": int(n_val), "n_test": int(n_test)}
-    if any(v < 0 for v in counts.values()) or sum(counts.values()) == 0:
-        raise ValueError(f"scene counts must be >= 0 and not all 0, got {counts}")
-    if w < 32 or h < 32:
-        raise ValueError(f"image_size={list(image_size)}: expected (width, height), each at least 32")
-    if not 1 <= int(min_objects) <= int(max_objects):
-        raise ValueError(f"expected 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-    if source != "fashion_mnist":
-        raise ValueError(f"source={source!r}: only 'fashion_mnist' is supported")
-    return {
-        "version": GENERATOR_VERSION,
-        **counts,
-        "image_size": [w, h],
-        "seed": int(seed),
-        "min_objects": int(min_objects),
-        "max_objects": int(max_objects),
-        "source": source,
-        "source_files": _idx_fingerprint(Path(os.path.expanduser(str(data_dir)))),
-        "backgrounds": sorted(background_photos()),
-        "void_width": int(void_width),
-        "jpeg_quality": int(jpeg_quality),
-    }
+@dataclass(frozen=True)
+class SceneSpec:
+    """What a generated scene data set is made of: one definition of the knobs and their defaults (the DataModules,
+    the caption generator and the clutter-object world build one from their own keys)."""
+
+    n_train: int = 300
+    n_val: int = 100
+    n_test: int = 200
+    image_size: Sequence[int] = (160, 120)  # width, height
+    seed: int = 0
+    min_objects: int = 1
+    max_objects: int = 6
+    source: str = "fashion_mnist"
+    data_dir: str | Path = FASHION_MNIST_DIR
+    void_width: int = 1
+    jpeg_quality: int = 90
+
+    @classmethod
+    def pop_from(cls, kwargs: dict, **given) -> SceneSpec:
+        """A spec from ``given`` and the keys of ``kwargs`` named like its other fields (removed from ``kwargs``; a
+        DataModule's own ``seed`` and ``data_dir`` stay, its scene seed and source come in ``given``)."""
+        names = {f.name for f in fields(cls)} - set(given)
+        return cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names}, **given)
+
+    def params(self) -> dict:
+        """The parameters that determine the data set (what the manifest records and compares)."""
+        w, h = (int(v) for v in self.image_size)
+        counts = {"n_train": int(self.n_train), "n_val": int(self.n_val), "n_test": int(self.n_test)}
+        if any(v < 0 for v in counts.values()) or sum(counts.values()) == 0:
+            raise ValueError(f"scene counts must be >= 0 and not all 0, got {counts}")
+        if w < 32 or h < 32:
+            raise ValueError(f"image_size={list(self.image_size)}: expected (width, height), each at least 32")
+        if not 1 <= int(self.min_objects) <= int(self.max_objects):
+            raise ValueError(f"expected 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if self.source != "fashion_mnist":
+            raise ValueError(f"source={self.source!r}: only 'fashion_mnist' is supported")
+        return {
+            "version": GENERATOR_VERSION,
+            **counts,
+            "image_size": [w, h],
+            "seed": int(self.seed),
+            "min_objects": int(self.min_objects),
+            "max_objects": int(self.max_objects),
+            "source": self.source,
+            "source_files": _idx_fingerprint(Path(os.path.expanduser(str(self.data_dir)))),
+            "backgrounds": sorted(background_photos()),
+            "void_width": int(self.void_width),
+            "jpeg_quality": int(self.jpeg_quality),
+        }
+
+
+def scene_params(*args, **kwargs) -> dict:
+    """``SceneSpec(*args, **kwargs).params()``: the parameters that determine a generated data set."""
+    return SceneSpec(*args, **kwargs).params()
 
 
 def scene_key(params: dict) -> str:
@@ -244,28 +262,12 @@ def is_complete(root: str | Path, params: dict) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # the generator
 # ---------------------------------------------------------------------------------------------------
-def generate_scenes(
-    out_dir: str | Path,
-    n_train: int = 300,
-    n_val: int = 100,
-    n_test: int = 200,
-    image_size: Sequence[int] = (160, 120),
-    seed: int = 0,
-    min_objects: int = 1,
-    max_objects: int = 6,
-    source: str = "fashion_mnist",
-    data_dir: str | Path = FASHION_MNIST_DIR,
-    void_width: int = 1,
-    jpeg_quality: int = 90,
-    name: str = DATASET_NAME,
-    progress: bool = True,
-) -> Path:
-    """Generate (or reuse) the scenes in ``out_dir/<name>`` and return that VOC root.
+def generate_scenes(out_dir: str | Path, name: str = DATASET_NAME, progress: bool = True, **spec) -> Path:
+    """Generate (or reuse) the scenes of ``SceneSpec(**spec)`` in ``out_dir/<name>`` and return that VOC root.
 
     ``image_size`` is (width, height). Raises ``DatasetError`` when the Fashion-MNIST IDX files are missing.
     """
-    params = scene_params(n_train, n_val, n_test, image_size, seed, min_objects, max_objects, source, data_dir,
-                          void_width, jpeg_quality)
+    params = scene_params(**spec)
     root = Path(os.path.expanduser(str(out_dir))) / name
     return _cache(root).get_or_build(params, lambda tmp: _write_dataset(tmp, params, name, progress), kind="dir",
                                      name=name, validate=lambda r: _layout_problem(r, params))

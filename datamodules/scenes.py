@@ -8,15 +8,16 @@ seed sweep trains on the same scenes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 from datamodules.scene_generator import (
     CLASSES,
     DATASET_NAME,
     FASHION_MNIST_DIR,
+    SceneSpec,
     generate_scenes,
     scene_key,
     scene_params,
@@ -31,36 +32,16 @@ class GeneratedScenes:
     parameters instead of ``data_dir``/``classes`` and generates (or reuses) the scenes before ``setup`` reads
     them. The same parameters give the same cached directory, whichever DataModule reads it."""
 
-    def __init__(
-        self,
-        root: str | Path = ".cache/scenes",
-        n_train: int = 300,
-        n_val: int = 100,
-        n_test: int = 200,
-        image_size: Sequence[int] = (160, 120),
-        scene_seed: int = 0,
-        min_objects: int = 1,
-        max_objects: int = 6,
-        source: str = "fashion_mnist",
-        source_dir: str | Path | None = None,
-        void_width: int = 1,
-        jpeg_quality: int = 90,
-        progress: bool = True,
-        train_split: str = "train",
-        val_split: str | None = "val",
-        test_split: str = "test",
-        **kwargs,
-    ):
+    def __init__(self, root: str | Path = ".cache/scenes", scene_seed: int = 0, source_dir: str | Path | None = None,
+                 progress: bool = True, train_split: str = "train", val_split: str | None = "val",
+                 test_split: str = "test", **kwargs):
         kwargs.pop("data_dir", None)
         kwargs.pop("classes", None)
+        spec = SceneSpec.pop_from(kwargs, seed=scene_seed, data_dir=source_dir or FASHION_MNIST_DIR)
         super().__init__(data_dir=None, classes=CLASSES, train_split=train_split, val_split=val_split,
                          test_split=test_split, **kwargs)
         self.scene_root = Path(os.path.expanduser(str(root)))
-        self.generation = {
-            "n_train": n_train, "n_val": n_val, "n_test": n_test, "image_size": list(image_size),
-            "seed": scene_seed, "min_objects": min_objects, "max_objects": max_objects, "source": source,
-            "data_dir": source_dir or FASHION_MNIST_DIR, "void_width": void_width, "jpeg_quality": jpeg_quality,
-        }
+        self.generation = dataclasses.asdict(spec)  # SceneSpec's knobs (n_*, image_size, objects, ...)
         self.progress = progress
 
     def prepare_data(self) -> None:

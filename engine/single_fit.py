@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from transferrable.core.distributed import rank_aware
+
 
 def plain_metrics(metrics: dict) -> dict[str, float]:
     """Lightning's ``callback_metrics`` (tensors) as floats; non-numeric entries are left out."""
@@ -16,6 +18,7 @@ def plain_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
     """Fit (resuming from ``ckpt_path``), then test the best checkpoint, or ``ckpt_path`` itself with train=false."""
     train = cfg.get("train", True)

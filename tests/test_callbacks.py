@@ -12,10 +12,11 @@ from conftest import compose_train
 from PIL import Image
 
 import transferrable.run.runner as runner
-from callbacks.image_grid import SampleGridCallback, save_image_grid
-from callbacks.tsne import (
+from callbacks.image_grid import SampleGridCallback
+from callbacks.tsne import TSNECallback
+from transferrable.viz.image_grid import save_image_grid
+from transferrable.viz.tsne import (
     GaussianProjector,
-    TSNECallback,
     embed_panels,
     plot_tsne,
     stratified_subsample,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from pathlib import Path
 
 import pytest
 from conftest import CONF_DIR, compose_train, point_paths_at
@@ -20,6 +21,7 @@ from transferrable.core.errors import ConfigError, exit_on_user_error
 # Numeric keys that take any real number on purpose (no range to check): the R-CNN SVM's hard-negative score
 # thresholds are SVM scores (their order, easy < hard, is a cross-check in config_schema).
 UNBOUNDED = {"rcnn.svm.hard_threshold", "rcnn.svm.easy_threshold"}
+ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("backbone", "dataset", "task", "experiment", "callbacks", "logger", "debug", "hardware")
 
 
@@ -57,8 +59,8 @@ def test_every_numeric_key_has_a_range():
             rule = schema.rule_for(path)
             if rule is None or not any(c in rule.expected for c in "<>=[(") and "one of" not in rule.expected:
                 missing.setdefault(path, " ".join(overrides) or "(defaults)")
-    assert not missing, f"numeric keys without a range in config_schema.RULES: {missing}"
-    assert len(schema.RULES) >= 15
+    assert not missing, f"numeric keys without a range in the config rules: {missing}"
+    assert len(schema.rules()) >= 15
 
 
 @pytest.mark.parametrize("overrides", options(), ids=lambda o: " ".join(o) or "defaults")
@@ -66,19 +68,49 @@ def test_shipped_configs_pass(overrides):
     assert schema.problems(compose(overrides)) == []
 
 
-def test_choice_lists_match_the_code():
+# (key, the code's own choice list): each rule is built from the code's list (imported, never copied), so it accepts
+# exactly its values. DeCAF's classifiers are a kind with or without "_dropout".
+def _choice_lists():
+    from engine.decaf.domain import SETTINGS
     from lightning_modules import rcnn, rcnn_segmentation
-    from models import backbones, bigan_training, lrcn_caption, video_description
+    from models import bigan_training, linear_classifiers, lrcn, lrcn_caption, video_description
     from models.rcnn import proposals, segments
 
-    assert schema.TAP_NAMES == backbones.TAP_NAMES
-    assert schema.BIGAN_OBJECTIVES == tuple(bigan_training.OBJECTIVES)
-    assert schema.RCNN_LAYERS == rcnn.FEATURE_LAYERS and schema.RCNN_SCORINGS == rcnn.SCORINGS
-    assert schema.FEATURE_MODES == rcnn.FEATURE_MODES
-    assert schema.SEG_FEATURES == rcnn_segmentation.FEATURE_KINDS and schema.SEG_LAYERS == rcnn_segmentation.LAYERS
-    assert schema.COLOUR_SPACES == segments.COLOUR_SPACES and schema.SS_MODES == proposals.SS_MODES
-    assert schema.VIDEO_INPUTS == tuple(video_description.INPUTS)
-    assert ("1u", "2u", "2f") == lrcn_caption.VARIANTS
+    kinds = linear_classifiers.KINDS
+    return [("bigan.objective", tuple(bigan_training.OBJECTIVES)), ("rcnn.feature_mode", rcnn.FEATURE_MODES),
+            ("rcnn.layers", rcnn.FEATURE_LAYERS), ("rcnn.scoring", rcnn.SCORINGS),
+            ("rcnn_segmentation.features", rcnn_segmentation.FEATURE_KINDS),
+            ("rcnn_segmentation.layers", rcnn_segmentation.LAYERS),
+            ("rcnn_segmentation.segments.colour_spaces", segments.COLOUR_SPACES),
+            ("rcnn.proposals.mode", proposals.SS_MODES), ("rcnn.proposals.method", proposals.METHODS),
+            ("video.input", tuple(video_description.INPUTS)), ("lrcn.variant", lrcn_caption.VARIANTS),
+            ("lrcn.unit", lrcn_caption.UNITS), ("lrcn.image_input", lrcn_caption.IMAGE_INPUTS),
+            ("lrcn.sequence_model", lrcn.SEQUENCE_MODELS), ("decaf_domain.settings", SETTINGS),
+            ("decaf.classifiers", (*kinds, *(k + "_dropout" for k in kinds))), ("backbone.freeze", None)]
+
+
+@pytest.mark.parametrize("key,choices", _choice_lists(), ids=lambda v: v if isinstance(v, str) else "")
+def test_choice_rules_accept_exactly_the_codes_lists(key, choices):
+    from models import backbones
+
+    rule = schema.rule_for(key)
+    if choices is None:  # the taps: one definition, imported by the backbones
+        assert backbones.TAP_NAMES is schema.TAP_NAMES
+        choices = ("none", "all", *schema.TAP_NAMES)
+    for value in choices:
+        assert rule.accepts(value) or rule.accepts([value]), (key, value)
+    assert not rule.accepts("no_such_choice") and not rule.accepts(["no_such_choice"])
+    assert all(str(c) in rule.describe() for c in choices)
+
+
+def test_no_choice_list_is_restated():
+    """The rule modules build every choice from the code's tuples: no literal copy of a code list survives."""
+    sources = "".join(p.read_text() for p in [ROOT / "transferrable/core/config_schema.py",
+                                              *sorted(ROOT.glob("engine/*/config.py"))])
+    for _key, choices in _choice_lists():
+        if choices and len(choices) > 1:
+            literal = "(" + ", ".join(f'"{c}"' for c in choices) + ")"  # a whole tuple or OneOf(...) of them
+            assert literal not in sources, f"{_key}: its choices are restated in a rule module {literal}"
 
 
 def test_min_input_size_is_what_the_taps_need():

@@ -97,7 +97,7 @@ def test_decaf_features_sharded_over_two_processes_give_the_one_process_results(
 
 
 def test_a_pipeline_not_written_for_ddp_is_refused_in_one_line(tmp_path, fmnist_dir):
-    """Every task's pipeline now runs under DDP; one outside ``DDP_PIPELINES`` (here a pipeline ``_target_`` that
+    """Every task's pipeline runs under DDP; one not marked ``rank_aware`` (here a pipeline ``_target_`` that
     is not rank-aware) stops before any work, naming the override."""
     from conftest import compose_train, point_paths_at, tiny_overrides
 

@@ -334,7 +334,7 @@ def test_module_defaults_are_the_yaml_and_hparams_load_weights_only(tmp_path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from engine.rcnn.keys import optimizer_key
+    from engine.rcnn.cache_keys import optimizer_key
     from lightning_modules.rcnn import RCNNModule
     from lightning_modules.rcnn_segmentation import RCNNSegmentationModule
     from models.backbones import CaffeNetMini

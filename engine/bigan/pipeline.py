@@ -29,7 +29,7 @@ from datamodules.in_memory import batch_sampler_loader, load_splits
 from models.bigan import BiGANAlexNet
 from models.bigan_training import save_bigan_grids
 from transferrable.core.atomic import atomic_torch_save, atomic_write_json
-from transferrable.core.distributed import rank_and_world
+from transferrable.core.distributed import rank_and_world, rank_aware
 from transferrable.core.errors import ConfigError
 from transferrable.core.manifest import warn_rebuild
 from transferrable.metrics import unsupervised_eval  # looked up per call (tests spy on knn1_predict)
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 ENCODER_FILE = "encoder_backbone.pt"
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
     s = model.s
     output_dir = Path(cfg.paths.output_dir)

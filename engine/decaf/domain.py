@@ -54,7 +54,7 @@ from models.linear_classifiers import (
     validation_subsplit,
 )
 from transferrable.core.atomic import atomic_write_json
-from transferrable.core.distributed import output_dir_of
+from transferrable.core.distributed import output_dir_of, rank_aware
 from transferrable.core.errors import ConfigError, DatasetError
 from transferrable.core.precision import inference_bf16
 
@@ -234,6 +234,7 @@ def domain_pools(datamodule, dom: DomainProtocol, max_images: int | None) -> tup
     return source, target, pairs
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model: DecafModule) -> dict:
     """Pool both domains, extract (cached), fit every setting's classifiers over the splits, table and t-SNE."""
     p = Protocol.from_cfg(cfg.decaf, model, check_main=False)

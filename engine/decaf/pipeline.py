@@ -65,7 +65,7 @@ from engine.decaf.report import (
 from lightning_modules.decaf import DecafModule
 from models.weights import fold_grayscale_source
 from transferrable.core.atomic import atomic_write_json
-from transferrable.core.distributed import output_dir_of
+from transferrable.core.distributed import output_dir_of, rank_aware
 from transferrable.core.precision import inference_bf16
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ def fold_conv1_for_grayscale_source(model: DecafModule, setting) -> None:
                  "untrained colour noise)", getattr(model.backbone, "source_dataset", "?"), 100 * removed)
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model: DecafModule) -> dict:
     """Pool, extract (cached), fit the linear classifiers over the splits, then tables, plots and t-SNE."""
     p = Protocol.from_cfg(cfg.decaf, model)

@@ -15,9 +15,11 @@ from omegaconf import DictConfig
 from engine import single_fit
 from engine.lrcn.report import CONFUSION_FILE, plot_confusion
 from engine.lrcn.scores import SCORES_FILE, save_video_scores
+from transferrable.core.distributed import rank_aware
 from transferrable.core.log_results import log_images
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
     metrics = single_fit.run(cfg, trainer, datamodule, model)
     if cfg.get("test", True):

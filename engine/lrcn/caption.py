@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.coco_captions import pad_captions
 from engine.lrcn.caption_report import caption_model_label, caption_tables, draw_captions, log_captions
 from transferrable.core.atomic import atomic_write_json
-from transferrable.core.distributed import output_dir_of, whole_split_loader
+from transferrable.core.distributed import output_dir_of, rank_aware, whole_split_loader
 from transferrable.core.errors import ConfigError
 from transferrable.core.feature_cache import CACHE_VERSION, FeatureCache, state_sha256
 from transferrable.core.precision import inference_bf16
@@ -55,6 +55,7 @@ from transferrable.metrics.caption_eval import (
 log = logging.getLogger(__name__)
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
     lrcn = cfg.lrcn
     decoders, metrics_cfg = parse_decoders(lrcn.decoders), metric_settings(lrcn)  # bad values fail before any work

@@ -27,12 +27,13 @@ from datamodules.video_tuples import SLOTS, tuple_features
 from engine.lrcn.caption_report import video_description_tables
 from models.video_description import INPUTS
 from transferrable.core.atomic import atomic_write_json
-from transferrable.core.distributed import output_dir_of, whole_split_loader
+from transferrable.core.distributed import output_dir_of, rank_aware, whole_split_loader
 from transferrable.core.errors import ConfigError
 from transferrable.core.vocabulary import Vocabulary, VocabularyMismatchError
 from transferrable.metrics.caption_eval import caption_metrics
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
     video = cfg.video
     output_dir = Path(cfg.paths.output_dir)

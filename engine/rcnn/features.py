@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.rcnn.keys import CACHE_VERSION, feature_key
+from engine.rcnn.cache_keys import CACHE_VERSION, feature_key
 from engine.rcnn.state import RCNNRun, sharded_map
 from lightning_modules.rcnn import RCNNModule
 from models.rcnn.windows import ImageSet

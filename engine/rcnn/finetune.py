@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from engine.rcnn.keys import FINETUNE_CACHE_VERSION, finetune_key
+from engine.rcnn.cache_keys import FINETUNE_CACHE_VERSION, finetune_key
 from engine.rcnn.state import RCNNRun, load_split
 from lightning_modules.rcnn import RCNNModule
 from models.rcnn.windows import ImageSet, WindowBatches, window_batches

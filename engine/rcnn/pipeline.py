@@ -53,9 +53,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from engine.rcnn.cache_keys import feature_key, state_digest
 from engine.rcnn.features import feature_stage
 from engine.rcnn.finetune import finetune_stage
-from engine.rcnn.keys import feature_key, state_digest
 from engine.rcnn.report import ap_table, draw_detections, fp_breakdown_figure, pool5_units_figure
 from engine.rcnn.state import RCNNRun, load_split, prepare, proposal_recall
 from engine.rcnn.svms import svm_store, train_box_regressor, train_svms
@@ -66,7 +66,13 @@ from models.rcnn.feature_rows import ChunkedRows
 from models.rcnn.svm import norm_scale
 from models.rcnn.windows import ImageSet
 from transferrable.core.atomic import atomic_write_json
-from transferrable.core.distributed import distributed, gather_objects, output_dir_of, sum_over_ranks
+from transferrable.core.distributed import (
+    distributed,
+    gather_objects,
+    output_dir_of,
+    rank_aware,
+    sum_over_ranks,
+)
 from transferrable.core.log_results import log_results
 from transferrable.metrics.voc_eval import evaluate_detections
 from transferrable.viz.tables import render_table
@@ -74,6 +80,7 @@ from transferrable.viz.tables import render_table
 log = logging.getLogger(__name__)
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model: RCNNModule) -> dict:
     """The stages of the module docstring, in order; returns the run's metrics."""
     with output_dir_of(trainer, Path(cfg.paths.output_dir)) as out:  # rank 0: the run's; others: scratch

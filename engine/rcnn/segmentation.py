@@ -66,7 +66,13 @@ from models.rcnn.segments import SegmentCache, SegmentProposals
 from models.rcnn.windows import ImageSet
 from transferrable.core.artifact_cache import digest
 from transferrable.core.atomic import atomic_write_json
-from transferrable.core.distributed import gather_objects, initialized, output_dir_of, sharded_map_on
+from transferrable.core.distributed import (
+    gather_objects,
+    initialized,
+    output_dir_of,
+    rank_aware,
+    sharded_map_on,
+)
 from transferrable.core.errors import ConfigError
 from transferrable.core.feature_cache import FeatureCache, state_sha256
 from transferrable.core.log_results import log_results
@@ -78,6 +84,7 @@ from transferrable.viz.tables import render_table
 log = logging.getLogger(__name__)
 
 
+@rank_aware
 def run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule) -> dict:
     """The stages of the module docstring, in order; returns the run's metrics (under DDP: rank 0's, on every rank)."""
     with output_dir_of(trainer, Path(cfg.paths.output_dir)) as out:  # rank 0: the run's; others: scratch

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.rcnn.keys import svm_key
+from engine.rcnn.cache_keys import svm_key
 from lightning_modules.rcnn import RCNNModule
 from models.rcnn.bbox_regression import BoxRegressor
 from models.rcnn.regions import assign_labels, class_max_iou

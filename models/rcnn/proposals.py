@@ -33,6 +33,7 @@ from transferrable.core.artifact_cache import ABSENT, ArtifactCache, digest
 
 log = logging.getLogger(__name__)
 
+METHODS = ("selective_search", "sliding_window")
 SS_MODES = ("fast", "quality", "single")
 CACHE_VERSION = 1  # of the entries' manifests
 
@@ -122,7 +123,7 @@ class ProposalCache:
     ``sliding_window``; ``params`` the method's keyword arguments (part of the file name)."""
 
     def __init__(self, cache_dir: str | Path | None, method: str = "selective_search", **params):
-        if method not in ("selective_search", "sliding_window"):
+        if method not in METHODS:
             raise ValueError(f"rcnn.proposals.method={method!r}: expected selective_search or sliding_window")
         self.dir = None if cache_dir is None else Path(cache_dir)
         self.cache = None if cache_dir is None else ArtifactCache(cache_dir, version=CACHE_VERSION, what="proposal cache")

@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -46,19 +46,8 @@ MIN_INPUT_SIZE: dict[str, int] = {
     "models.backbones.TimmVGG16": 32,
 }
 
-# Copies of the code's own choice lists (tests/test_config_schema.py checks they are equal to the code's).
-BIGAN_OBJECTIVES = ("bigan", "gan_discriminator", "latent_regressor", "joint_latent_regressor", "autoencoder_l2",
-                    "autoencoder_l1")
-RCNN_LAYERS = ("pool5", "fc6", "fc7")
-RCNN_SCORINGS = ("svm", "softmax")
-FEATURE_MODES = ("warp", "roi_pool")
-SEG_FEATURES = ("full", "fg", "full+fg")
-SEG_LAYERS = ("fc6", "fc7")
-COLOUR_SPACES = ("rgb", "hsv", "lab")
-SS_MODES = ("fast", "quality", "single")
-DECAF_CLASSIFIERS = ("logreg", "svm", "logreg_dropout", "svm_dropout")
-DECAF_SETTINGS = ("S", "T", "ST", "daume")
-VIDEO_INPUTS = ("encoder_max", "max", "prob")
+# The suite-wide choice lists (declared here, the lowest layer that checks them; a method's own lists live in its
+# code and its rules in engine/<method>/config.py import them).
 AUGMENTS = ("none", "flip", "flip_crop", "resized_crop")
 PRECISIONS = ("auto", "64-true", "64", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true",
               "bf16-true", "transformer-engine", "transformer-engine-float16")
@@ -90,11 +79,11 @@ class Rule:
         return self.expected + (" (or null)" if self.nullable else "")
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
+def is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -120,13 +109,13 @@ def _bounds(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) ->
 
 def Int(lo: int | None = None, hi: int | None = None, nullable: bool = False) -> Rule:  # noqa: N802
     inside, text = _bounds(lo, hi, False, False)
-    return Rule(lambda v: _is_int(v) and inside(v), f"an integer {text}".rstrip(), nullable)
+    return Rule(lambda v: is_int(v) and inside(v), f"an integer {text}".rstrip(), nullable)
 
 
 def Num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,  # noqa: N802
         nullable: bool = False) -> Rule:
     inside, text = _bounds(lo, hi, lo_open, hi_open)
-    return Rule(lambda v: _is_num(v) and inside(v), f"a number {text}".rstrip(), nullable)
+    return Rule(lambda v: is_num(v) and inside(v), f"a number {text}".rstrip(), nullable)
 
 
 def OneOf(*choices: Any, nullable: bool = False) -> Rule:  # noqa: N802
@@ -192,8 +181,6 @@ TAP = OneOf(*TAP_NAMES)
 TAPS = ListOf(TAP, unique=True, bad_item="no tap {!r}")
 DROPOUT = Num(0, 1, hi_open=True)
 FREEZE = OneOf("none", "all", *TAP_NAMES, nullable=True)
-DECAF_FEATURE = Match(rf"(random:)?({'|'.join(TAP_NAMES)})|raw|hog",
-                      f"a tap ({', '.join(repr(t) for t in TAP_NAMES)}), random:<tap>, raw or hog")
 LIMIT_BATCHES = AnyOf(Int(0), Num(0, 1), expected="an integer >= 0 (batches) or a fraction in [0, 1]", nullable=True)
 
 # dataset rules, keyed below ``dataset.`` (and ``decaf_domain.target.``)
@@ -313,157 +300,10 @@ RULES: list[tuple[str, Rule]] = [
     ("model.seed", SEED),
     ("model.clip_length", COUNT),
     ("model.test_stride", COUNT),
-    # task=decaf / decaf_domain
-    ("decaf.features", ListOf(DECAF_FEATURE, unique=True, bad_item="no tap {!r}")),
-    ("decaf.classifiers", ListOf(OneOf(*DECAF_CLASSIFIERS), unique=True, bad_item="unknown classifier {!r}")),
-    ("decaf.train_per_class", COUNT),
-    ("decaf.shots", ListOf(COUNT, unique=True, nullable=True)),
-    ("decaf.splits", COUNT),
-    ("decaf.split_seed", SEED),
-    ("decaf.val_fraction", Num(0, 1, lo_open=True, hi_open=True)),
-    ("decaf.C_grid", ListOf(POSITIVE)),
-    ("decaf.default_C", POSITIVE),
-    ("decaf.cv_at", OneOf("largest", "each")),
-    ("decaf.dropout_rate", DROPOUT),
-    ("decaf.dropout_copies", COUNT),
-    ("decaf.max_iter", COUNT),
-    ("decaf.pool", OneOf("all", "given")),
-    ("decaf.max_images", Int(1, nullable=True)),
-    ("decaf.hog.*", COUNT),
-    ("decaf.fit_threads", Int(1, nullable=True)),
-    ("decaf.tsne.panels", ListOf(DECAF_FEATURE, unique=True, bad_item="no tap {!r}")),
-    ("decaf.tsne.max_points", Int(2, nullable=True)),
-    ("decaf.tsne.seed", SEED),
-    ("decaf.tsne.max_iter", Int(250)),  # scikit-learn's TSNE refuses fewer
-    ("decaf.tsne.perplexity", POSITIVE),
-    ("decaf_domain.settings", ListOf(OneOf(*DECAF_SETTINGS), unique=True)),
-    ("decaf_domain.source_per_class", Int(1, nullable=True)),
-    ("decaf_domain.target_per_class", COUNT),
-    ("decaf_domain.directions", OneOf("both", "forward")),
-    # task=rcnn and rcnn_segmentation's detection node (*.proposals, *.finetune)
-    ("rcnn.layers", ListOf(OneOf(*RCNN_LAYERS), unique=True, scalar=True, bad_item="no layer {!r}")),
-    ("rcnn.scoring", ListOf(OneOf(*RCNN_SCORINGS), unique=True, scalar=True)),
-    ("rcnn.feature_mode", OneOf(*FEATURE_MODES)),
-    ("*.finetune.windows", OneOf(*FEATURE_MODES)),
-    ("*.proposals.method", OneOf("selective_search", "sliding_window")),
-    ("*.proposals.mode", OneOf(*SS_MODES)),
-    ("*.proposals.width", COUNT),
-    ("*.proposals.max_proposals", COUNT),
-    ("*.proposals.min_size", NONNEG),
-    ("*.context_pad", Int(0)),
-    ("rcnn.roi_scale", POSITIVE),
-    ("*.finetune.iterations", COUNT),
-    ("*.finetune.max_images", Int(1, nullable=True)),
-    ("*.finetune.roi_images", COUNT),
-    ("*.finetune.positives", COUNT),
-    ("*.finetune.background", Int(0)),
-    ("*.finetune.fg_threshold", Num(0, 1, lo_open=True)),
-    ("*.finetune.lr", POSITIVE),
-    ("*.finetune.head_lr_mult", POSITIVE),
-    ("*.finetune.momentum", Num(0, 1, hi_open=True)),
-    ("*.finetune.weight_decay", NONNEG),
-    ("*.finetune.step_epochs", COUNT),
-    ("*.finetune.gamma", Num(0, 1, lo_open=True)),
-    ("rcnn.svm.C", POSITIVE),
-    ("rcnn.svm.bias_multiplier", POSITIVE),
-    ("rcnn.svm.pos_weight", POSITIVE),
-    ("rcnn.svm.neg_threshold", PROB),  # IoU below which a region is a negative
-    ("rcnn.svm.hard_threshold", Num()),  # SVM scores: any real number (easy < hard is checked below)
-    ("rcnn.svm.easy_threshold", Num()),
-    ("rcnn.svm.retrain_limit", COUNT),
-    ("rcnn.svm.max_cache", COUNT),
-    ("*.feature_norm", POSITIVE),
-    ("rcnn.svm.max_iter", COUNT),
-    ("rcnn.bbox_reg.lam", NONNEG),
-    ("rcnn.bbox_reg.min_iou", Num(0, 1, lo_open=True)),
-    ("rcnn.nms_threshold", Num(0, 1, lo_open=True)),
-    ("rcnn.max_per_image", COUNT),
-    ("rcnn.svm_splits", ListOf(OneOf("train", "val"), unique=True)),
-    ("*.max_train_images", Int(1, nullable=True)),
-    ("*.max_val_images", Int(1, nullable=True)),
-    ("*.max_test_images", Int(1, nullable=True)),
-    ("*.feature_batch", COUNT),
-    ("rcnn.feature_dtype", OneOf("float16", "float32")),
-    ("*.draw_images", Int(0)),
-    ("rcnn.draw_top", Int(0)),
-    ("rcnn.draw_top_regions", Int(0)),
-    ("rcnn.finetune_eval_batches", Int(0)),
-    ("rcnn.pool5_units", ListOf(Int(0), nullable=True)),
-    ("rcnn_segmentation.segments.colour_spaces", ListOf(OneOf(*COLOUR_SPACES), unique=True)),
-    ("rcnn_segmentation.segments.scales", ListOf(POSITIVE)),
-    ("rcnn_segmentation.segments.sigma", NONNEG),
-    ("rcnn_segmentation.segments.min_size", Int(1)),
-    ("rcnn_segmentation.segments.min_area", Num(0, 1, hi_open=True)),
-    ("rcnn_segmentation.segments.max_regions", COUNT),
-    ("rcnn_segmentation.segments.width", Int(1, nullable=True)),
-    ("rcnn_segmentation.segments.seed", SEED),
-    ("rcnn_segmentation.features", ListOf(OneOf(*SEG_FEATURES), unique=True, scalar=True)),
-    ("rcnn_segmentation.layers", ListOf(OneOf(*SEG_LAYERS), unique=True, scalar=True)),
-    ("rcnn_segmentation.quality", OneOf("instance", "class")),
-    ("rcnn_segmentation.regressor", OneOf("svr", "ridge")),
-    ("rcnn_segmentation.svr.C", POSITIVE),
-    ("rcnn_segmentation.svr.epsilon", NONNEG),
-    ("rcnn_segmentation.svr.loss", OneOf("squared_epsilon_insensitive", "epsilon_insensitive")),
-    ("rcnn_segmentation.svr.max_iter", COUNT),
-    ("rcnn_segmentation.ridge_alpha", POSITIVE),
-    ("rcnn_segmentation.thresholds", ListOf(PROB, nullable=True)),
-    ("rcnn_segmentation.finetune", OneOf("none", "detection")),
-    ("rcnn_segmentation.val_fraction", Num(0, 1, lo_open=True, hi_open=True)),
-    # task=lrcn_activity / lrcn_caption
-    ("lrcn.sequence_model", OneOf("lstm", "none")),
-    ("lrcn.modality", OneOf("rgb", "flow")),
-    ("lrcn.tap", TAP),
-    ("lrcn.hidden*", COUNT),
-    ("lrcn.embed", COUNT),
-    ("lrcn.*dropout", DROPOUT),
-    ("lrcn.frame_batch", COUNT),
-    ("lrcn.variant", OneOf("1u", "2u", "2f")),
-    ("lrcn.unit", OneOf("lstm", "rnn")),
-    ("lrcn.image_input", OneOf("every_step", "first_step")),
-    ("lrcn.lr", POSITIVE),
-    ("lrcn.weight_decay", NONNEG),
-    ("lrcn.backbone_lr_scale", NONNEG),
-    ("lrcn.max_len", COUNT),
-    ("lrcn.decoders", ListOf(Match(r"greedy|beam[1-9]\d*|sample:[1-9]\d*:(\d+\.?\d*|\.\d+)",
-                                   "greedy, beam<k> or sample:<N>:<T>"), unique=True)),
-    ("lrcn.retrieval.images", COUNT),
-    ("lrcn.retrieval.rows_per_batch", COUNT),
-    ("lrcn.metrics.meteor", OneOf("all", "main", "none")),
-    ("lrcn.show_images", Int(0)),
-    # task=lrcn_video_description
-    ("video.input", OneOf(*VIDEO_INPUTS)),
-    ("video.hidden", COUNT),
-    ("video.embed", COUNT),
-    ("video.dropout", DROPOUT),
-    ("video.lr", POSITIVE),
-    ("video.beam", COUNT),
-    ("video.max_len", COUNT),
-    # task=bigan
-    ("bigan.arch", OneOf("mlp", "conv")),
-    ("bigan.objective", OneOf(*BIGAN_OBJECTIVES)),
-    ("bigan.update", OneOf("simultaneous", "alternating")),
-    ("bigan.latent", OneOf("continuous", "discrete")),
-    ("bigan.latent_dim", COUNT),
-    ("bigan.categories", Int(2)),
-    ("bigan.alpha", POSITIVE),
-    ("bigan.image_size", Int(1)),  # conv: a multiple of 16 (checked below)
-    ("bigan.channels", OneOf(1, 3)),
-    ("bigan.pixel_range", OneOf("auto", "unit", "symmetric")),
-    ("bigan.hidden", ListOf(COUNT)),
-    ("bigan.gan_width", COUNT),
-    ("bigan.leak", Num(0, 1, hi_open=True)),
-    ("bigan.lr", POSITIVE),
-    ("bigan.final_lr", POSITIVE),
-    ("bigan.decay_start", Num(0, 1)),
-    ("bigan.betas", ListOf(Num(0, 1, hi_open=True), length=2)),
-    ("bigan.weight_decay", NONNEG),
-    ("bigan.jlr_weight", NONNEG),
-    ("bigan.features", OneOf("auto", "encoder", "encoder_hidden", "discriminator")),
-    ("bigan.knn_metric", OneOf("euclidean", "cosine")),
-    ("bigan.bn_batches", Int(0)),
-    ("bigan.probe_C", POSITIVE),
-    ("bigan.probe_max_train", Int(1, nullable=True)),
-    ("bigan.grid_upscale", COUNT),
+]
+
+# After the methods' rules (engine/<method>/config.py, registered below): callbacks and loggers.
+TAIL_RULES: list[tuple[str, Rule]] = [
     # callbacks, loggers
     ("callbacks.tsne.taps", TAPS),
     ("callbacks.tsne.max_points", Int(2)),
@@ -473,7 +313,6 @@ RULES: list[tuple[str, Rule]] = [
     ("callbacks.tsne.perplexity", POSITIVE),
     ("callbacks.tsne.max_iter", Int(250)),
     ("callbacks.sample_grid.*", COUNT),
-    ("callbacks.bigan_grids.upscale", COUNT),
     ("callbacks.model_summary.max_depth", Int(-1)),
     ("callbacks.progress_bar.refresh_rate", Int(0)),
     ("logger.wandb.probe_timeout", POSITIVE),
@@ -481,19 +320,47 @@ RULES: list[tuple[str, Rule]] = [
     ("*_seed", SEED),
     ("*.seed", SEED),
 ]
-for _key, _rule in DATASET_RULES.items():
-    RULES += [(f"dataset.{_key}", _rule), (f"decaf_domain.target.{_key}", _rule)]
 
-# Prefixes whose leaves are another run's overrides: checked with the rule of the key below the prefix.
-OVERRIDE_PREFIXES = ("source_overrides.", "bigan_source_overrides.")
+
+# -- the methods' keys ------------------------------------------------------------------------------------------
+@dataclass
+class _Registry:
+    """What the methods' ``engine/<method>/config.py`` declared (``register_keys``), in import order."""
+
+    rules: list[tuple[str, Rule]] = field(default_factory=list)
+    cross_checks: list[Callable[[Callable[[str], Any]], list[str]]] = field(default_factory=list)
+    dataset_nodes: list[str] = field(default_factory=lambda: ["dataset"])
+    override_prefixes: list[str] = field(default_factory=lambda: ["source_overrides."])
+
+
+_REGISTRY = _Registry()
+
+
+def register_keys(rules: list[tuple[str, Rule]], cross_check: Callable[[Callable[[str], Any]], list[str]] | None = None,
+                  dataset_nodes: tuple[str, ...] = (), override_prefixes: tuple[str, ...] = ()) -> None:
+    """A method's config rules (``(pattern, Rule)``), its checks between keys (``cross_check(sel) -> messages``),
+    the nodes of its config that hold a whole dataset config (checked with ``DATASET_RULES``) and the prefixes whose
+    leaves are a nested run's overrides."""
+    _REGISTRY.rules.extend(r for r in rules if r not in _REGISTRY.rules)
+    if cross_check is not None and cross_check not in _REGISTRY.cross_checks:
+        _REGISTRY.cross_checks.append(cross_check)
+    _REGISTRY.dataset_nodes.extend(n for n in dataset_nodes if n not in _REGISTRY.dataset_nodes)
+    _REGISTRY.override_prefixes.extend(p for p in override_prefixes if p not in _REGISTRY.override_prefixes)
+
+
+def rules() -> list[tuple[str, Rule]]:
+    """Every rule, in matching order: the suite's, the registered methods', callbacks and loggers, generic names,
+    then the dataset rules under every dataset node."""
+    datasets = [(f"{node}.{key}", rule) for key, rule in DATASET_RULES.items() for node in _REGISTRY.dataset_nodes]
+    return RULES + _REGISTRY.rules + TAIL_RULES + datasets
 
 
 def rule_for(path: str) -> Rule | None:
-    """The rule of a dotted config path (the first pattern of ``RULES`` that matches), or None."""
-    for prefix in OVERRIDE_PREFIXES:
+    """The rule of a dotted config path (the first pattern of :func:`rules` that matches), or None."""
+    for prefix in _REGISTRY.override_prefixes:  # another run's overrides: the rule of the key below the prefix
         if path.startswith(prefix):
             return rule_for(path[len(prefix):])
-    for pattern, rule in RULES:
+    for pattern, rule in rules():
         if fnmatchcase(path, pattern):
             return rule
     return None
@@ -577,24 +444,20 @@ def problems(cfg: DictConfig) -> list[str]:
 
 
 def cross_checks(cfg: DictConfig) -> list[str]:
-    """Rules between keys: sizes the backbone's taps need, min <= max, a conv BiGAN's image size."""
+    """Rules between keys: sizes the backbone's taps need, min <= max, and each method's own (registered)."""
     out: list[str] = []
     sel = lambda key: OmegaConf.select(cfg, key, default=None, throw_on_missing=False)  # noqa: E731
     target, size = sel("backbone._target_"), sel("backbone.input_size")
     least = MIN_INPUT_SIZE.get(str(target), 1)
-    if _is_int(size) and 1 <= size < least:
+    if is_int(size) and 1 <= size < least:
         out.append(f"backbone.input_size={size}: expected an integer >= {least} for {str(target).rsplit('.', 1)[-1]} "
                    f"(smaller inputs leave its conv5/pool5 taps without a pixel)")
-    for prefix in ("dataset", "decaf_domain.target"):
+    for prefix in _REGISTRY.dataset_nodes:
         lo, hi = sel(f"{prefix}.min_objects"), sel(f"{prefix}.max_objects")
-        if _is_int(lo) and _is_int(hi) and lo > hi:
+        if is_int(lo) and is_int(hi) and lo > hi:
             out.append(f"{prefix}.min_objects={lo}: expected at most {prefix}.max_objects={hi}")
-    if sel("bigan.arch") == "conv" and _is_int(sel("bigan.image_size")) and sel("bigan.image_size") % 16:
-        out.append(f"bigan.image_size={sel('bigan.image_size')}: expected a multiple of 16 with bigan.arch=conv "
-                   f"(four stride-2 layers)")
-    easy, hard = sel("rcnn.svm.easy_threshold"), sel("rcnn.svm.hard_threshold")
-    if _is_num(easy) and _is_num(hard) and easy >= hard:
-        out.append(f"rcnn.svm.easy_threshold={easy}: expected below rcnn.svm.hard_threshold={hard}")
+    for check in _REGISTRY.cross_checks:
+        out += check(sel)
     return out
 
 

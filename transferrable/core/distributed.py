@@ -20,6 +20,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 
+def rank_aware(pipeline):
+    """Mark a pipeline (``engine/<method>/...run``) as written for N DDP processes: sharded stages, one writer per
+    output. The runner refuses any other pipeline under DDP before any work."""
+    pipeline.rank_aware = True
+    return pipeline
+
+
+def is_rank_aware(pipeline) -> bool:
+    """Whether ``pipeline`` (a function, or a ``functools.partial`` of one) was marked with :func:`rank_aware`."""
+    return bool(getattr(getattr(pipeline, "func", pipeline), "rank_aware", False))
+
+
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -15,10 +15,12 @@ from transferrable.core.archives import extract_configured_archive
 from transferrable.core.atomic import atomic_write_json
 from transferrable.core.checkpoints import check_ckpt_path, load_weights_only
 from transferrable.core.config_schema import validate
+from transferrable.core.distributed import is_rank_aware
 from transferrable.core.errors import ConfigError
 from transferrable.core.precision import resolve_precision
 from transferrable.run import source  # source.resolve_source_weights is looked up per call (tests replace it)
 from transferrable.run.compat import check_task_dataset
+from transferrable.run.methods import METHODS  # noqa: F401  (registers every method's config keys)
 from transferrable.run.nested_run import install_train, overrides_node
 from transferrable.viz.tables import METRICS_FILE
 
@@ -186,22 +188,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         close_loggers(loggers, status)
 
 
-# the pipelines whose stages are rank-aware (transferrable/core/distributed.py): sharded extraction, one writer per output
-DDP_PIPELINES = ("engine.single_fit.run", "engine.decaf.pipeline.run", "engine.decaf.domain.run", "engine.lrcn.activity.run",
-                 "engine.bigan.pipeline.run", "engine.lrcn.caption.run", "engine.lrcn.video_description.run", "engine.rcnn.pipeline.run",
-                 "engine.rcnn.segmentation.run")
-
-
 def check_processes(cfg: DictConfig, trainer) -> None:
-    """A pipeline not yet rank-aware would run every stage (and write every cache) on every rank under DDP: it is
-    refused in one line before any work (issue 19 tracks the rest)."""
+    """A pipeline not written for DDP (not marked ``rank_aware``) would run every stage (and write every cache) on
+    every rank: it is refused in one line before any work."""
+    from hydra.utils import get_method
+
     target = str((cfg.get("pipeline") or {}).get("_target_", "engine.single_fit.run"))
-    if trainer.world_size > 1 and target not in DDP_PIPELINES:
+    if trainer.world_size > 1 and not is_rank_aware(get_method(target)):
         raise ConfigError(
             f"trainer.devices={cfg.trainer.get('devices')} (x trainer.num_nodes={cfg.trainer.get('num_nodes', 1)}): "
-            f"the {cfg.get('task_name')} pipeline ({target}) runs on one process for now; only fit + test "
-            "(task=classify and single-fit tasks), decaf, decaf_domain, lrcn_activity, lrcn_caption, "
-            "lrcn_video_description, bigan, rcnn and rcnn_segmentation run under DDP. Use trainer.devices=1.")
+            f"the {cfg.get('task_name')} pipeline ({target}) runs on one process for now; every task's own pipeline "
+            "(engine/<method>/) runs under DDP. Use trainer.devices=1.")
 
 
 def build_pipeline(cfg: DictConfig):
