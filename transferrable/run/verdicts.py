@@ -81,7 +81,10 @@ def label(table: dict, name: str) -> str:
     spec = table["cells"][name]
     if spec.get("label"):
         return spec["label"]
-    i, j, rows = locate(table, spec)
+    try:
+        i, j, rows = locate(table, spec)
+    except (KeyError, IndexError):  # a table refreshed by --from-report whose cells are to be re-declared
+        return name
     columns = (table["thesis"] if spec.get("block") == "thesis" else table).get("columns") or table["columns"]
     return f"{rows[i][0]} / {columns[j]}"
 
