@@ -17,7 +17,7 @@ from omegaconf.errors import ConfigKeyError
 
 from transferrable.core.errors import ConfigError
 
-TASK_DIR = Path(__file__).resolve().parents[1] / "conf" / "task"
+TASK_DIR = Path(__file__).resolve().parents[2] / "conf" / "task"
 
 
 def task_config(task: str, node: str, cfg: Mapping | None = None, overrides: Mapping | None = None) -> DictConfig:

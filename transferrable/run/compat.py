@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from transferrable.core.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def provided(target: str) -> set[str]:

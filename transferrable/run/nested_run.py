@@ -66,7 +66,7 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
 
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="train", overrides=overrides)
-    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+    conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -84,7 +84,7 @@ def inherit_run_settings(pre: DictConfig, cfg: DictConfig, run_dir: Path, task_n
 
 def check_dataset_choice(spec: str, dataset: str, what: str = "dataset") -> None:
     """A ``<prefix>:<dataset>`` weights spec must name a ``conf/dataset`` option."""
-    conf_dir = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+    conf_dir = Path(__file__).resolve().parents[2] / "conf" / "dataset"
     if not (conf_dir / f"{dataset}.yaml").is_file():
         choices = sorted(p.stem for p in conf_dir.glob("*.yaml"))
         raise ValueError(f"backbone.weights={spec!r}: unknown {what} {dataset!r}; choices: {choices}")

@@ -1,7 +1,8 @@
 """Measured results as data: ``docs/results/data/<method>.json`` -> ``docs/results/<method>.md``.
 
 Every measured table of the suite lives in one JSON file per method, next to the thesis's numbers for the same
-table and a one-line verdict per thesis claim. The Markdown pages are generated from it, never edited by hand:
+table and the thesis's claims as comparisons between named cells; the verdicts are computed
+(transferrable/run/verdicts.py), never written. The Markdown pages are generated from it, never edited by hand:
 
     python -m transferrable.run.results_docs            # regenerate docs/results/*.md (what `make docs` runs)
     python -m transferrable.run.results_docs --check    # exit 1 if a page is not what its JSON renders to
@@ -10,19 +11,21 @@ table and a one-line verdict per thesis claim. The Markdown pages are generated 
 
 ``--from-report`` folds a fresh sweep into a table: it reads the ``tables.json`` that the sweep's runs wrote
 (the tables ``python eval.py report=<sweep dir>`` prints after its run table), replaces that table's columns and
-rows with them, records where and when they came from, marks the verdicts for review, and regenerates the page.
+rows with them, records where and when they came from, marks the table for review (its cells may have moved), and
+regenerates the page.
 
 A table (one entry of ``tables``) holds:
 
 * ``id``, ``title``, ``command`` (a string or a list of command lines that reproduce it);
 * ``measured``: what the README said about the measurement (``when``, ``date``, ``machine``, ``cpu_kind``,
-  ``precision``, ``recorded_in`` -- the README commit that recorded it); values not known are said so;
+  ``precision``, ``source_dataset``, ``recorded_in`` -- the README commit that recorded it); values not known are
+  said so; the page's intro is generated from them (transferrable/run/page_intro.py);
 * ``columns`` (the first one heads the row labels), ``rows`` (our numbers; cells are numbers, strings or null),
   optional ``decimals`` (an int, or one per column) and ``bold`` (``[row, column]`` pairs);
   ``rows`` may be empty only with ``not_measured`` saying why;
 * ``thesis`` (``source``, ``rows``, optional ``columns``/``decimals``/``bold``: without ``columns`` its rows
   share our columns and are shown in our table) or ``no_thesis`` (why there is no thesis counterpart);
-* ``verdicts``: ``[{claim, verdict, evidence}]``, verdict one of ``VERDICTS``;
+* ``cells``, ``noise``, optional ``runs`` and ``claims``: see transferrable/run/verdicts.py;
 * optional ``setup``, ``unit``, ``notes`` and ``review`` (set by ``--from-report``).
 
 Standard library only (plus ``transferrable.core.atomic``), so the docs build needs no torch.
@@ -40,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from transferrable.core.atomic import atomic_write_text
+from transferrable.run import page_intro, verdicts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = ROOT / "docs" / "results"
 DATA_DIR = RESULTS_DIR / "data"
 COMMAND = "make docs"
 MODULE_COMMAND = "python -m transferrable.run.results_docs"
-VERDICTS = ("held", "partly", "not held", "not measured")
+VERDICTS = verdicts.VERDICTS
 # page order: the thesis's chapters, then the suite's own figures
 ORDER = ("classify", "decaf", "rcnn", "rcnn_segmentation", "lrcn_activity", "lrcn_caption",
          "video_description", "bigan", "benchmarks")
@@ -121,7 +125,7 @@ def validate(data: dict, method: str | None = None) -> list[str]:
         if tid in seen:
             problems.append(f"{where}: duplicate id")
         seen.add(tid)
-        for key in ("title", "command", "measured", "columns", "verdicts"):
+        for key in ("title", "command", "measured", "columns", "claims"):
             if not t.get(key):
                 problems.append(f"{where}: missing {key!r}")
         command = t.get("command")
@@ -145,11 +149,10 @@ def validate(data: dict, method: str | None = None) -> list[str]:
                 problems.append(f"{where}: thesis without 'rows'")
             problems += _check_grid(f"{where}/thesis", thesis.get("columns") or columns, thesis.get("rows") or [],
                                     thesis.get("decimals"), thesis.get("bold"))
-        for v in t.get("verdicts") or []:
-            if not all(isinstance(v.get(k), str) and v.get(k) for k in ("claim", "verdict", "evidence")):
-                problems.append(f"{where}: a verdict needs claim, verdict and evidence")
-            elif v["verdict"] not in VERDICTS:
-                problems.append(f"{where}: verdict {v['verdict']!r} is not one of {VERDICTS}")
+        if not problems:
+            problems += verdicts.problems(t, where)
+    if "intro" in data:
+        problems.append(f"{name}: 'intro' is generated from the tables; put prose in 'context'")
     return problems
 
 
@@ -196,6 +199,7 @@ def _table(columns: Sequence[str], blocks: Sequence[tuple[Sequence[list], Any, A
 def _measured_line(m: dict) -> str:
     parts = []
     for key, label in (("when", None), ("date", "date"), ("machine", None), ("cpu_kind", "CPU kind"),
+                       ("source_dataset", "source representation"),
                        ("precision", "precision"), ("source", "from"), ("recorded_in", "recorded in README commit")):
         value = m.get(key)
         if value:
@@ -203,15 +207,20 @@ def _measured_line(m: dict) -> str:
     return "; ".join(parts)
 
 
+def _command_lines(command: str | list[str]) -> list[str]:
+    return command if isinstance(command, list) else [command]
+
+
 def _command_block(command: str | list[str]) -> list[str]:
-    lines = command if isinstance(command, list) else [command]
-    return ["```bash", *lines, "```"]
+    return ["```bash", *_command_lines(command), "```"]
 
 
 def render_table(t: dict) -> list[str]:
     out = [f'<a id="{t["id"]}"></a>', "", f"## {t['title']}", ""]
-    out += ["Reproduce:", "", *_command_block(t["command"]), ""]
+    runs = [f"{run['command']}   # run {run_id}" for run_id, run in (t.get("runs") or {}).items() if run.get("command")]
+    out += ["Reproduce:", "", *_command_block([*_command_lines(t["command"]), *runs]), ""]
     out += [f"Measured: {_measured_line(t['measured'])}.", ""]
+    out += page_intro.runs_lines(t)
     if t.get("review"):
         out += [f"> **Needs review:** {t['review']}", ""]
     if t.get("setup"):
@@ -235,9 +244,7 @@ def render_table(t: dict) -> list[str]:
             out += [""]
     else:
         out += [f"Thesis: no counterpart. {t['no_thesis']}", ""]
-    out += ["Verdicts:", ""]
-    out += [f"- **{v['verdict']}**: {v['claim']} *Ours:* {v['evidence']}" for v in t["verdicts"]]
-    out += [""]
+    out += verdicts.render(t)
     if t.get("notes"):
         out += ["Notes:", ""] + [f"- {n}" for n in t["notes"]] + [""]
     return out
@@ -246,8 +253,8 @@ def render_table(t: dict) -> list[str]:
 def _tally(tables: Sequence[dict]) -> str:
     counts = {v: 0 for v in VERDICTS}
     for t in tables:
-        for v in t["verdicts"]:
-            counts[v["verdict"]] += 1
+        for v in verdicts.table_verdicts(t):
+            counts[v] += 1
     return ", ".join(f"{n} {v}" for v, n in counts.items() if n)
 
 
@@ -262,8 +269,9 @@ def render_method(data: dict) -> str:
         raise ValueError("; ".join(problems))
     method = data["method"]
     out = [header(f"docs/results/data/{method}.json"), "", f"# {data['title']}", ""]
-    for para in data.get("intro") or []:
+    for para in data.get("context") or []:
         out += [para, ""]
+    out += page_intro.intro(data)
     if data.get("usage"):
         out += [f"How to run it: [{data['usage']}](../../{data['usage']}). All results: [index](README.md).", ""]
     out += ["| table | verdicts |", "|---|---|"]
@@ -278,6 +286,8 @@ def render_index(all_data: Sequence[dict]) -> str:
     out = [header("docs/results/data/*.json"), "", "# Measured results", "",
            "Every measured table of the suite, the thesis's numbers beside ours, and a verdict per thesis claim.",
            "The numbers are data in [data/](data/); these pages are generated from it.", "",
+           '<a id="verdict-rules"></a>', "", "## How the verdicts are computed", "",
+           *[f"- {rule}" for rule in verdicts.RULES], "",
            "| method | tables | verdicts |", "|---|---|---|"]
     for d in all_data:
         out.append(f"| [{d['title']}]({d['method']}.md) | {len(d['tables'])} | {_tally(d['tables'])} |")
@@ -358,8 +368,8 @@ def fold_report(data: dict, table_id: str, sweep_dir: str | Path, report_title: 
     date = today or _dt.date.today().isoformat()
     table["measured"] = {"date": date, "machine": "see the runs' logs", "source": f"eval.py report={sweep}",
                          **({"precision": ", ".join(precisions)} if precisions else {})}
-    table["review"] = (f"numbers refreshed from {sweep} on {date}; the verdicts and notes were written for the "
-                       "previous numbers: re-check them, then delete 'review' from the JSON")
+    table["review"] = (f"numbers refreshed from {sweep} on {date}; the cells, noise and notes were declared for "
+                       "the previous rows: re-check them, then delete 'review' from the JSON")
     return data
 
 
@@ -386,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = fold_report(load(args.method, args.data_dir), args.table, args.from_report, args.report_title)
         atomic_write_text(args.data_dir / f"{args.method}.json", dump_json(data))
         print(f"{args.method}.json: table {args.table} now holds the numbers of {args.from_report}; "
-              "re-check its verdicts")
+              "re-check its cells and claims")
     changed = write_all(args.data_dir, args.out_dir, check=args.check)
     for path in changed:
         print(f"{'stale' if args.check else 'wrote'}: {path}")
