@@ -40,7 +40,7 @@ from models.weights import (
     load_backbone_weights,
     load_torchvision_hub,
 )
-from transferrable.core.config_schema import (
+from transferrable.core.config_rules import (
     TAP_NAMES as TAP_NAMES,  # defined beside the rules that check tap names
 )
 from transferrable.core.errors import UserError

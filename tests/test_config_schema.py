@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 import transferrable.run.runner as runner
 import transferrable.run.source as source
+from transferrable.core import config_rules
 from transferrable.core import config_schema as schema
 from transferrable.core.errors import ConfigError, exit_on_user_error
 
@@ -95,8 +96,8 @@ def test_choice_rules_accept_exactly_the_codes_lists(key, choices):
 
     rule = schema.rule_for(key)
     if choices is None:  # the taps: one definition, imported by the backbones
-        assert backbones.TAP_NAMES is schema.TAP_NAMES
-        choices = ("none", "all", *schema.TAP_NAMES)
+        assert backbones.TAP_NAMES is config_rules.TAP_NAMES
+        choices = ("none", "all", *config_rules.TAP_NAMES)
     for value in choices:
         assert rule.accepts(value) or rule.accepts([value]), (key, value)
     assert not rule.accepts("no_such_choice") and not rule.accepts(["no_such_choice"])
@@ -105,7 +106,7 @@ def test_choice_rules_accept_exactly_the_codes_lists(key, choices):
 
 def test_no_choice_list_is_restated():
     """The rule modules build every choice from the code's tuples: no literal copy of a code list survives."""
-    sources = "".join(p.read_text() for p in [ROOT / "transferrable/core/config_schema.py",
+    sources = "".join(p.read_text() for p in [ROOT / "transferrable/core/config_rules.py",
                                               *sorted(ROOT.glob("engine/*/config.py"))])
     for _key, choices in _choice_lists():
         if choices and len(choices) > 1:
@@ -116,9 +117,9 @@ def test_no_choice_list_is_restated():
 def test_min_input_size_is_what_the_taps_need():
     from models.backbones import TorchvisionAlexNet
 
-    TorchvisionAlexNet(input_size=schema.MIN_INPUT_SIZE["models.backbones.TorchvisionAlexNet"]).tap_shapes()
+    TorchvisionAlexNet(input_size=config_rules.MIN_INPUT_SIZE["models.backbones.TorchvisionAlexNet"]).tap_shapes()
     with pytest.raises(RuntimeError):
-        TorchvisionAlexNet(input_size=schema.MIN_INPUT_SIZE["models.backbones.TorchvisionAlexNet"] - 1).tap_shapes()
+        TorchvisionAlexNet(input_size=config_rules.MIN_INPUT_SIZE["models.backbones.TorchvisionAlexNet"] - 1).tap_shapes()
 
 
 # -- one line, exit 2, before any work --------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_several_bad_values_in_one_line(make_cfg, no_work):
 # -- unwritable paths -------------------------------------------------------------------------------------------
 # Tests run as root, where a chmod'ed read-only directory stays writable; so the "file in the way" case uses a
 # path below a regular file, and the permission case replaces os.access (as a non-root user would see it).
-@pytest.mark.parametrize("key", schema.WRITABLE_PATHS)
+@pytest.mark.parametrize("key", config_rules.WRITABLE_PATHS)
 def test_path_below_a_file_names_the_override(key, make_cfg, no_work, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -4,17 +4,8 @@ nested BiGAN pretraining of ``backbone.weights=bigan:<dataset>``) is checked wit
 from __future__ import annotations
 
 from models.bigan_training import OBJECTIVES as OBJECTIVE_TABLE
-from transferrable.core.config_schema import (
-    COUNT,
-    NONNEG,
-    POSITIVE,
-    Int,
-    ListOf,
-    Num,
-    OneOf,
-    is_int,
-    register_keys,
-)
+from transferrable.core.config_rules import COUNT, NONNEG, POSITIVE, Int, ListOf, Num, OneOf, is_int
+from transferrable.core.config_schema import register_keys
 
 OBJECTIVES = tuple(OBJECTIVE_TABLE)
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from engine.decaf.domain import SETTINGS
 from models.linear_classifiers import KINDS
-from transferrable.core.config_schema import (
-    COUNT,
-    DROPOUT,
-    POSITIVE,
-    SEED,
-    TAP_NAMES,
-    Int,
-    ListOf,
-    Match,
-    Num,
-    OneOf,
-    register_keys,
+from transferrable.core.config_rules import (
+                      COUNT,
+                      DROPOUT,
+                      POSITIVE,
+                      SEED,
+                      TAP_NAMES,
+                      Int,
+                      ListOf,
+                      Match,
+                      Num,
+                      OneOf,
 )
+from transferrable.core.config_schema import register_keys
 
 # a classifier name: a kind, or a kind with feature dropout (``svm_dropout``)
 CLASSIFIERS = tuple(kind + suffix for suffix in ("", "_dropout") for kind in KINDS)

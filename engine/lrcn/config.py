@@ -6,18 +6,8 @@ from __future__ import annotations
 from models.lrcn import SEQUENCE_MODELS
 from models.lrcn_caption import IMAGE_INPUTS, UNITS, VARIANTS
 from models.video_description import INPUTS
-from transferrable.core.config_schema import (
-    COUNT,
-    DROPOUT,
-    NONNEG,
-    POSITIVE,
-    TAP,
-    Int,
-    ListOf,
-    Match,
-    OneOf,
-    register_keys,
-)
+from transferrable.core.config_rules import COUNT, DROPOUT, NONNEG, POSITIVE, TAP, Int, ListOf, Match, OneOf
+from transferrable.core.config_schema import register_keys
 
 VIDEO_INPUTS = tuple(INPUTS)
 

@@ -9,7 +9,7 @@ from lightning_modules.rcnn_segmentation import LAYERS as SEG_LAYERS
 from models.rcnn.proposals import METHODS as PROPOSAL_METHODS
 from models.rcnn.proposals import SS_MODES
 from models.rcnn.segments import COLOUR_SPACES
-from transferrable.core.config_schema import (
+from transferrable.core.config_rules import (
     COUNT,
     NONNEG,
     POSITIVE,
@@ -20,8 +20,8 @@ from transferrable.core.config_schema import (
     Num,
     OneOf,
     is_num,
-    register_keys,
 )
+from transferrable.core.config_schema import register_keys
 
 RULES = [
     # task=rcnn and rcnn_segmentation's detection node (*.proposals, *.finetune)
