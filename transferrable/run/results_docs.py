@@ -6,8 +6,7 @@ table and the thesis's claims as comparisons between named cells; the verdicts a
 
     python -m transferrable.run.results_docs            # regenerate docs/results/*.md (what `make docs` runs)
     python -m transferrable.run.results_docs --check    # exit 1 if a page is not what its JSON renders to
-    python -m transferrable.run.results_docs --from-report <sweep dir> --method rcnn --table rcnn_layers \
-        [--report-title "<title of the run's tables.json table>"]
+    python -m transferrable.run.results_docs --from-report <sweep dir> --method rcnn --table rcnn_layers         [--report-title "<title of the run's tables.json table>"]
 
 ``--from-report`` folds a fresh sweep into a table: it reads the ``tables.json`` that the sweep's runs wrote
 (the tables ``python eval.py report=<sweep dir>`` prints after its run table), replaces that table's columns and
@@ -36,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,119 +42,16 @@ from typing import Any
 
 from transferrable.core.atomic import atomic_write_text
 from transferrable.run import page_intro, verdicts
+from transferrable.run.results_data import DATA_DIR, RESULTS_DIR, VERDICTS, dump_json, load, methods, validate
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS_DIR = ROOT / "docs" / "results"
-DATA_DIR = RESULTS_DIR / "data"
 COMMAND = "make docs"
+
+
 MODULE_COMMAND = "python -m transferrable.run.results_docs"
-VERDICTS = verdicts.VERDICTS
-# page order: the thesis's chapters, then the suite's own figures
-ORDER = ("classify", "decaf", "rcnn", "rcnn_segmentation", "lrcn_activity", "lrcn_caption",
-         "video_description", "bigan", "benchmarks")
-_ID = re.compile(r"^[a-z0-9_]+$")
+
+
 _REPORT_TABLES = "tables.json"
 
-
-# -- data ------------------------------------------------------------------------------------------------------
-
-def methods(data_dir: Path = DATA_DIR) -> list[str]:
-    names = sorted(p.stem for p in data_dir.glob("*.json"))
-    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
-
-
-def load(method: str, data_dir: Path = DATA_DIR) -> dict:
-    return json.loads((data_dir / f"{method}.json").read_text(encoding="utf-8"))
-
-
-def dump_json(obj: Any) -> str:
-    """JSON with two-space indentation, but a list of plain values (a table row) on one line."""
-
-    def enc(o: Any, level: int) -> str:
-        pad, inner = "  " * level, "  " * (level + 1)
-        if isinstance(o, dict):
-            if not o:
-                return "{}"
-            items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {enc(v, level + 1)}" for k, v in o.items()]
-            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-        if isinstance(o, list):
-            if all(not isinstance(v, dict | list) for v in o):
-                return "[" + ", ".join(json.dumps(v, ensure_ascii=False) for v in o) + "]"
-            return "[\n" + ",\n".join(inner + enc(v, level + 1) for v in o) + "\n" + pad + "]"
-        return json.dumps(o, ensure_ascii=False)
-
-    return enc(obj, 0) + "\n"
-
-
-def _check_grid(where: str, columns: Sequence, rows: Sequence, decimals: Any, bold: Any) -> list[str]:
-    problems = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, list) or len(row) != len(columns):
-            problems.append(f"{where}: row {i} has {len(row) if isinstance(row, list) else '?'} cells, "
-                            f"expected {len(columns)}")
-            continue
-        for cell in row:
-            if cell is not None and not isinstance(cell, str | int | float):
-                problems.append(f"{where}: row {i}: cell {cell!r} is not a number, string or null")
-    if isinstance(decimals, list) and len(decimals) != len(columns):
-        problems.append(f"{where}: decimals has {len(decimals)} entries for {len(columns)} columns")
-    for pair in bold or []:
-        if (not isinstance(pair, list) or len(pair) != 2 or not 0 <= pair[0] < len(rows)
-                or not 0 <= pair[1] < len(columns)):
-            problems.append(f"{where}: bold {pair!r} is outside the table")
-    return problems
-
-
-def validate(data: dict, method: str | None = None) -> list[str]:
-    """Everything a page needs, as a list of problems (empty: fine)."""
-    problems: list[str] = []
-    name = data.get("method", "?")
-    if method is not None and name != method:
-        problems.append(f"{method}.json: method is {name!r}, expected {method!r}")
-    for key in ("title", "tables"):
-        if not data.get(key):
-            problems.append(f"{name}: missing {key!r}")
-    seen: set[str] = set()
-    for t in data.get("tables") or []:
-        tid = t.get("id", "?")
-        where = f"{name}/{tid}"
-        if not isinstance(tid, str) or not _ID.match(tid):
-            problems.append(f"{where}: id must match {_ID.pattern}")
-        if tid in seen:
-            problems.append(f"{where}: duplicate id")
-        seen.add(tid)
-        for key in ("title", "command", "measured", "columns", "claims"):
-            if not t.get(key):
-                problems.append(f"{where}: missing {key!r}")
-        command = t.get("command")
-        if isinstance(command, list) and not all(isinstance(c, str) and c for c in command):
-            problems.append(f"{where}: command lines must be non-empty strings")
-        columns = t.get("columns") or []
-        rows = t.get("rows")
-        if not isinstance(rows, list):
-            problems.append(f"{where}: missing 'rows'")
-            rows = []
-        if not rows and not t.get("not_measured"):
-            problems.append(f"{where}: no rows and no 'not_measured' reason")
-        problems += _check_grid(where, columns, rows, t.get("decimals"), t.get("bold"))
-        thesis, no_thesis = t.get("thesis"), t.get("no_thesis")
-        if bool(thesis) == bool(no_thesis):
-            problems.append(f"{where}: needs exactly one of 'thesis' and 'no_thesis'")
-        if thesis:
-            if not thesis.get("source"):
-                problems.append(f"{where}: thesis without 'source'")
-            if not thesis.get("rows"):
-                problems.append(f"{where}: thesis without 'rows'")
-            problems += _check_grid(f"{where}/thesis", thesis.get("columns") or columns, thesis.get("rows") or [],
-                                    thesis.get("decimals"), thesis.get("bold"))
-        if not problems:
-            problems += verdicts.problems(t, where)
-    if "intro" in data:
-        problems.append(f"{name}: 'intro' is generated from the tables; put prose in 'context'")
-    return problems
-
-
-# -- rendering -------------------------------------------------------------------------------------------------
 
 def _cell(value: Any, decimals: int | None) -> str:
     if value is None:
@@ -321,8 +216,6 @@ def write_all(data_dir: Path = DATA_DIR, out_dir: Path = RESULTS_DIR, check: boo
     return changed
 
 
-# -- folding in a fresh sweep ----------------------------------------------------------------------------------
-
 def _report_cell(cell: Any) -> Any:
     if cell is None:
         return None
@@ -372,8 +265,6 @@ def fold_report(data: dict, table_id: str, sweep_dir: str | Path, report_title: 
                        "the previous rows: re-check them, then delete 'review' from the JSON")
     return data
 
-
-# -- command line ----------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=MODULE_COMMAND, description=__doc__.split("\n")[0])
