@@ -74,6 +74,7 @@ from transferrable.core.distributed import (
     sum_over_ranks,
 )
 from transferrable.core.log_results import log_results
+from transferrable.core.progress import trainer_bars
 from transferrable.metrics.voc_eval import evaluate_detections
 from transferrable.viz.tables import render_table
 
@@ -183,7 +184,8 @@ def variant_scores(r: RCNNRun, scoring: str, layer: str, svm_data: ImageSet, poo
     ftr = ChunkedRows(pool5_train, None if layer == "pool5" else partial(model.from_pool5, layer=layer))
     scale = norm_scale(ftr[: min(len(ftr), 20000)], model.cfg["svm"]["feature_norm"])
     features = feature_key(model, svm_data, r.digest, r.proposals.tag)
-    miner = train_svms(model, svm_data, ftr, scale, layer, svm_store(r.output_dir), features)
+    miner = train_svms(model, svm_data, ftr, scale, layer, svm_store(r.output_dir), features,
+                       bars=trainer_bars(r.trainer))
     info[f"svm/{layer}"] = {"seconds": time.perf_counter() - t0, "feature_scale": scale, **miner.summary()}
     del ftr
     t1 = time.perf_counter()
