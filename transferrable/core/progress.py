@@ -17,11 +17,9 @@ _ASSUME_TTY = False
 
 
 def _rank_zero() -> bool:
-    from transferrable.core.distributed import rank_and_world
-
-    rank, world = rank_and_world()
-    if world > 1:
-        return rank == 0
+    dist = sys.modules.get("torch.distributed")  # a process group exists only if torch.distributed was imported
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
     # before the process group exists, a DDP child knows its rank from the launcher's environment
     return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
