@@ -30,7 +30,11 @@ def main(cfg: DictConfig) -> None:
         from transferrable.run.report import write_report
 
         print(write_report(cfg.report, cfg.get("metrics")), end="")
-        print(f"(written to {Path(cfg.report) / 'report.md'})")
+        print(f"(written to {Path(cfg.report) / 'report.md'}, with a knob_<knob>.png per swept knob)")
+        if cfg.get("report_wandb"):
+            from transferrable.run.report import log_plots_to_wandb
+
+            log_plots_to_wandb(cfg.report)
     elif cfg.get("fuse"):
         # imported here for start-up speed: only what this mode needs
         from engine.lrcn.report import fusion_line

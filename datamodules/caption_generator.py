@@ -34,6 +34,7 @@ import numpy as np
 
 from transferrable.core.artifact_cache import ArtifactCache, digest
 from transferrable.core.atomic import atomic_write_json
+from transferrable.core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,6 @@ def is_complete(out: Path, params: dict) -> bool:
 
 def write_caption_dataset(out: str | Path, voc_root: str | Path, params: dict, progress: bool = True) -> Path:
     """Caption every scene of the VOC directory ``voc_root`` and write the COCO layout at ``out``."""
-    from tqdm import tqdm
-
     out, voc_root = Path(out), Path(voc_root)
     seed, n_caps = params["caption_seed"], params["captions_per_image"]
 
@@ -243,7 +242,7 @@ def write_caption_dataset(out: str | Path, voc_root: str | Path, params: dict, p
             ids = (voc_root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
             folder = "train2014" if split == "train" else "val2014"
             (tmp / folder).mkdir(parents=True, exist_ok=True)
-            for i, sid in enumerate(tqdm(ids, desc=f"captions {split}", disable=not progress, leave=False)):
+            for i, sid in enumerate(progress_bar(ids, f"generating captions ({split})", enabled=progress, unit="img")):
                 scene = json.loads((voc_root / "Attributes" / f"{sid}.json").read_text())
                 file_name = f"scene_{split}_{sid}.jpg"
                 src = voc_root / "JPEGImages" / f"{sid}.jpg"

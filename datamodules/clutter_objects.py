@@ -25,6 +25,7 @@ import numpy as np
 from datamodules.imagefolder import ImageFolderDataModule
 from transferrable.core.artifact_cache import ArtifactCache, digest
 from transferrable.core.errors import DatasetError
+from transferrable.core.progress import progress as progress_bar
 
 GENERATOR_VERSION = 1
 LAYOUT_ROOT = "FashionClutter"
@@ -85,7 +86,6 @@ def crop_object(image: np.ndarray, box: list[int], size: int) -> np.ndarray:
 
 def _write(root: Path, params: dict, progress: bool) -> dict:
     from PIL import Image
-    from tqdm import tqdm
 
     from datamodules import scene_generator as sg
 
@@ -99,7 +99,7 @@ def _write(root: Path, params: dict, progress: bool) -> dict:
                                                                  ("val", params["val_per_class"]))}
     total = sum(sum(v.values()) for v in want.values())
     index = 0
-    with tqdm(total=total, desc="generating clutter objects", unit="img", disable=not progress) as bar:
+    with progress_bar(total=total, desc="generating clutter objects", unit="img", enabled=progress, leave=True) as bar:
         for split in ("train", "val"):
             left = dict(want[split])
             for c in sg.CLASSES:

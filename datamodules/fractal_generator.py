@@ -50,6 +50,7 @@ import numpy as np
 
 from datamodules.base import DatasetError
 from transferrable.core.artifact_cache import ArtifactCache, digest
+from transferrable.core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +402,6 @@ def _views(params: dict):
 
 def _write(root: Path, params: dict, progress: bool) -> dict:
     import cv2
-    from tqdm import tqdm
 
     from datamodules.scene_generator import background_photos
 
@@ -413,8 +413,8 @@ def _write(root: Path, params: dict, progress: bool) -> dict:
     total = len(expected_files(params))
     made: set[Path] = set()
     desc = f"generating {params['role']}-role images ({params['category_set']} categories)"
-    for rel, category, inst, view, style, degrade in tqdm(_views(params), total=total, desc=desc, unit="img",
-                                                          disable=not progress, mininterval=2.0):
+    for rel, category, inst, view, style, degrade in progress_bar(_views(params), desc, total, enabled=progress,
+                                                                  unit="img", leave=True):
         img = render_image(params["world_seed"], category, inst, view, style, photos, names, degrade)
         path = root / rel
         if path.parent not in made:

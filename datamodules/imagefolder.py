@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DatasetError, ImageClassificationDataModule, stratified_split
+from transferrable.core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +123,12 @@ def decode_images(paths: Sequence[str], what: str = "images") -> np.ndarray:
     """Every file decoded (RGB uint8) into one N x H x W x 3 array; images of other sizes than the first are
     resized to it (bilinear, as the per-file path resizes)."""
     import cv2
-    from tqdm import tqdm
 
     from datamodules.base import read_image, to_rgb
 
     first = to_rgb(read_image(paths[0])) if paths else np.zeros((1, 1, 3), np.uint8)
     out = np.empty((len(paths), *first.shape), dtype=np.uint8)
-    for i, path in enumerate(tqdm(paths, desc=f"decoding {what}", unit="img", mininterval=2.0,
-                                  disable=len(paths) < 20000)):
+    for i, path in enumerate(progress_bar(paths, f"decoding {what}", unit="img", enabled=len(paths) >= 20000)):
         img = to_rgb(read_image(path))
         if img.shape != first.shape:
             img = cv2.resize(img, (first.shape[1], first.shape[0]), interpolation=cv2.INTER_LINEAR)

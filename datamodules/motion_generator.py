@@ -48,6 +48,7 @@ from datamodules.scene_generator import (
     load_items,
 )
 from transferrable.core.artifact_cache import ArtifactCache, digest
+from transferrable.core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -325,13 +326,11 @@ def generate_motions(out_dir: str | Path, progress: bool = True, **kwargs) -> Pa
 
 def _write_dataset(root: Path, params: dict, videos: list, progress: bool) -> dict:
     """The UCF101 layout under ``root``; returns the manifest's extra fields (the cache writes the manifest last)."""
-    from tqdm import tqdm
-
     log.info("moving_objects: generating %d videos", len(videos))
     items = load_items(params["source_files"]["data_dir"], json.dumps(params["source_files"], sort_keys=True))
     images = items["train"][0]
     photos = background_photos()
-    for ci, action, g, c in tqdm(videos, desc="moving_objects", disable=not progress, leave=False):
+    for ci, action, g, c in progress_bar(videos, "generating moving_objects videos", enabled=progress, unit="video"):
         d = root / "UCF-101" / action
         d.mkdir(parents=True, exist_ok=True)
         write_avi(d / video_name(action, g, c), render_video(params, ci, g, c, images, photos))

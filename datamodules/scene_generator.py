@@ -47,6 +47,7 @@ import numpy as np
 
 from datamodules.base import DatasetError
 from transferrable.core.artifact_cache import ArtifactCache, digest
+from transferrable.core.progress import progress as progress_bar
 from transferrable.viz.palette import voc_colormap
 
 log = logging.getLogger(__name__)
@@ -276,8 +277,6 @@ def generate_scenes(out_dir: str | Path, name: str = DATASET_NAME, progress: boo
 def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> dict:
     """The VOC layout under ``root``; returns the manifest's extra fields (the cache writes the manifest last).
     Over 60 lines: it writes each of the layout's folders in turn, kept in one place to read against VOC's."""
-    from tqdm import tqdm
-
     data_dir = params["source_files"]["data_dir"]
     items = load_items(data_dir, json.dumps(params["source_files"], sort_keys=True))
     photos = background_photos()
@@ -296,7 +295,8 @@ def _write_dataset(root: Path, params: dict, name: str, progress: bool) -> dict:
     n_difficult = n_truncated = 0
     per_image = []
     index = 0
-    with tqdm(total=sum(sizes.values()), desc="generating scenes", unit="img", disable=not progress) as bar:
+    with progress_bar(total=sum(sizes.values()), desc="generating scenes", unit="img", enabled=progress,
+                      leave=True) as bar:
         for split in SPLITS:
             pool_name = "t10k" if split == "test" else "train"
             pool = items[pool_name]

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import DatasetError
 from transferrable.core.archives import resolve_data_dir
 from transferrable.core.artifact_cache import ABSENT, NO_MANIFEST, ArtifactCache, Unusable, digest
+from transferrable.core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -435,12 +436,10 @@ class UCF101DataModule(L.LightningDataModule):
 
     def _materialise(self, split: str, entries: list[tuple[str, int]], counts: dict):
         """Decode (and for flow, compute flow of) every listed video into the cache; returns array paths."""
-        from tqdm import tqdm
-
         decode = {"frame_size": tuple(self.frame_size), "max_frames": self.max_frames}
         arrays, labels, names = [], [], []
-        for rel, label in tqdm(entries, desc=f"{self.name} {split} ({self.modality})", leave=False,
-                               disable=not self.progress or not entries):
+        for rel, label in progress_bar(entries, f"{self.name} {split} ({self.modality})", unit="video",
+                                       enabled=self.progress and bool(entries)):
             video = self._locate(rel)
             try:
                 if video is None:

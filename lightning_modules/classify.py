@@ -12,7 +12,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from models.backbones import TapBackbone
 from transferrable.core.errors import NonFiniteLossError, last_checkpoint_note
@@ -48,6 +48,9 @@ class ClassifyModule(L.LightningModule):
                 for kind, avg in (("acc", "micro"), ("mean_class_acc", "macro"))
             }
         )
+        # the test split's counts (synced over the ranks; not in checkpoints), read after the test: test_confusion_counts
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion_counts = None
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -70,6 +73,8 @@ class ClassifyModule(L.LightningModule):
             metric = self.metrics[f"{split}_{kind}"]
             metric(preds, y)
             self.log(f"{split}/{kind}", metric, on_step=False, on_epoch=True, prog_bar=kind == "acc")
+        if split == "test":
+            self.test_confusion.update(preds, y)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -86,6 +91,12 @@ class ClassifyModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+
+    def on_test_epoch_start(self):
+        self.test_confusion.reset()
+
+    def on_test_epoch_end(self):
+        self.test_confusion_counts = self.test_confusion.compute().cpu().numpy().astype("int64")
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).softmax(1)

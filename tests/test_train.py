@@ -267,7 +267,7 @@ def test_report_over_a_fake_multirun(make_cfg, tmp_path):
         assert sd["backbone.stages.conv4.1.running_mean"].abs().sum() > 0
 
     table = write_report(sweep)
-    lines = table.strip().splitlines()
+    lines = table.split("\n\n")[0].strip().splitlines()  # the run table (the knob plots' links follow)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
     assert header[0] == "backbone.freeze" and "trainer.max_epochs" not in header  # only what varies
@@ -277,6 +277,7 @@ def test_report_over_a_fake_multirun(make_cfg, tmp_path):
     assert [float(r[col]) for r in rows] == [pytest.approx(runs[f]["test/acc"], abs=1e-4) for f in ("none", "conv3")]
     assert (sweep / "report.md").read_text() == table
 
+    assert (sweep / "knob_backbone.freeze.png").is_file() and "![knob_backbone.freeze]" in table
     chosen = write_report(sweep, ["test/acc"]).splitlines()
     assert chosen[0] == "| backbone.freeze | test/acc |"
     assert chosen[2] == f"| none | {runs['none']['test/acc']:.4f} |"

@@ -57,6 +57,7 @@ from transferrable.core.atomic import atomic_write_json
 from transferrable.core.distributed import output_dir_of, rank_aware
 from transferrable.core.errors import ConfigError, DatasetError
 from transferrable.core.precision import inference_bf16
+from transferrable.core.progress import progress, trainer_bars
 
 SETTINGS = ("S", "T", "ST", "daume")
 
@@ -161,9 +162,13 @@ def fit_eval_domain(p: Protocol, spec: ClassifierSpec, data, X_test, y_test, see
     return mean_class_accuracy(y_test, clf.predict(X_test)), float(C), val
 
 
-def run_domain_protocol(p: Protocol, dom: DomainProtocol, src: Pool, tgt: Pool, fs: dict, ft: dict) -> dict:
-    """{(feature, setting, classifier): {"acc": [...], "C": [...], "val": [...]}} over the split seeds."""
+def run_domain_protocol(p: Protocol, dom: DomainProtocol, src: Pool, tgt: Pool, fs: dict, ft: dict,
+                        bars: bool = False) -> dict:
+    """{(feature, setting, classifier): {"acc": [...], "C": [...], "val": [...]}} over the split seeds (a bar of
+    the fits when ``bars``)."""
     results: dict[tuple[str, str, str], dict[str, list]] = {}
+    bar = progress(total=len(p.split_seeds) * len(p.features) * len(dom.settings) * len(p.specs),
+                   desc=f"decaf_domain: {src.name} -> {tgt.name} classifiers", enabled=bars, unit="fit")
     everything_s, everything_t = np.arange(len(src)), np.arange(len(tgt))
     for seed in p.split_seeds:
         s_idx = per_class_draw(src.labels, everything_s, dom.source_per_class, seed)
@@ -181,6 +186,8 @@ def run_domain_protocol(p: Protocol, dom: DomainProtocol, src: Pool, tgt: Pool, 
                     r["acc"].append(acc)
                     r["C"].append(C)
                     r["val"].append(val)
+                    bar.update(1)
+    bar.close()
     return results
 
 
@@ -253,7 +260,8 @@ def _run(p: Protocol, dom: DomainProtocol, cfg: DictConfig, trainer, datamodule,
              for pool in (source, target)}
     t0 = time.perf_counter()
     with limit_threads(p.fit_threads):
-        results = {f"{s.name}_to_{t.name}": run_domain_protocol(p, dom, s, t, feats[id(s)], feats[id(t)])
+        results = {f"{s.name}_to_{t.name}": run_domain_protocol(p, dom, s, t, feats[id(s)], feats[id(t)],
+                                                                    bars=trainer_bars(trainer))
                    for s, t in pairs}
     metrics, tables = summarise_domain(p, dom, pairs, results, extractor.stats, output_dir)
     metrics["decaf/classifier_seconds"] = time.perf_counter() - t0

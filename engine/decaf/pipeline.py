@@ -67,6 +67,7 @@ from models.weights import fold_grayscale_source
 from transferrable.core.atomic import atomic_write_json
 from transferrable.core.distributed import output_dir_of, rank_aware
 from transferrable.core.precision import inference_bf16
+from transferrable.core.progress import trainer_bars
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def _run(p: Protocol, cfg: DictConfig, trainer, datamodule, model: DecafModule, 
     feats = extractor.extract(trainer, pool, p.features, datamodule.eval_batch_size, datamodule.num_workers)
     t0 = time.perf_counter()
     with limit_threads(p.fit_threads):
-        results = run_protocol(p, pool, feats)
+        results = run_protocol(p, pool, feats, bars=trainer_bars(trainer))
     fit_seconds = time.perf_counter() - t0
     metrics, tables, images = summarise(p, pool, results, feats, extractor.stats, output_dir)
     metrics["decaf/classifier_seconds"] = fit_seconds

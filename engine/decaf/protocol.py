@@ -26,10 +26,11 @@ from lightning_modules.decaf import RANDOM_PREFIX, DecafModule
 from models.backbones import TapBackbone
 from models.linear_classifiers import ClassifierSpec, FeatureDropout, fit_cross_validated, mean_class_accuracy
 from models.weights import is_hub_spec
-from transferrable.core.distributed import gather_rows, rank_and_world, union_in_order
+from transferrable.core.distributed import gather_rows, union_in_order
 from transferrable.core.errors import ConfigError
 from transferrable.core.feature_cache import CACHE_VERSION, FeatureCache, state_sha256
 from transferrable.core.manifest import file_sha256
+from transferrable.core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -255,15 +256,14 @@ def fit_eval(p: Protocol, spec: ClassifierSpec, X_train, y_train, X_test, y_test
     return mean_class_accuracy(y_test, clf.predict(X_test)), C, val
 
 
-def run_protocol(p: Protocol, pool: Pool, feats: dict[str, np.ndarray]) -> dict:
-    """{(feature, classifier, N): {"acc": [...], "C": [...], "val": [...]}} over the split seeds."""
-    from tqdm import tqdm
-
+def run_protocol(p: Protocol, pool: Pool, feats: dict[str, np.ndarray], bars: bool = False) -> dict:
+    """{(feature, classifier, N): {"acc": [...], "C": [...], "val": [...]}} over the split seeds (a bar of the fits
+    when ``bars``)."""
     results: dict[tuple[str, str, int], dict[str, list]] = {}
     shots_desc = sorted(p.shots, reverse=True)
     # the fits are the slow part on many classes (C validated per feature x classifier x split): show them
-    bar = tqdm(total=len(p.split_seeds) * len(p.features) * len(p.specs), desc="decaf: fitting classifiers",
-               unit="fit", mininterval=5.0, disable=rank_and_world()[0] != 0)
+    bar = progress(total=len(p.split_seeds) * len(p.features) * len(p.specs), desc="decaf: fitting classifiers",
+                   enabled=bars, unit="fit")
     for seed in p.split_seeds:
         splits = {n: protocol_split(pool, n, seed) for n in shots_desc}
         for name in p.features:

@@ -44,6 +44,7 @@ from transferrable.core.distributed import output_dir_of, rank_aware, whole_spli
 from transferrable.core.errors import ConfigError
 from transferrable.core.feature_cache import CACHE_VERSION, FeatureCache, state_sha256
 from transferrable.core.precision import inference_bf16
+from transferrable.core.progress import progress, trainer_bars
 from transferrable.core.vocabulary import Vocabulary, VocabularyMismatchError
 from transferrable.metrics.caption_eval import (
     MeteorSession,
@@ -66,7 +67,8 @@ def run(cfg: DictConfig, trainer, datamodule, model) -> dict:
         datamodule.prepare_data()
     datamodule.setup("fit")
     build_with_vocabulary(model, datamodule, cfg.get("ckpt_path"), bool(cfg.get("train", True)))
-    features = FeatureExtractor(model, datamodule, use_bf16, cfg.paths.get("cache_dir"), bool(lrcn.feature_cache))
+    features = FeatureExtractor(model, datamodule, use_bf16, cfg.paths.get("cache_dir"), bool(lrcn.feature_cache),
+                                trainer_bars(trainer))
     feats = {s: features(s, cache=True) for s in ("train", "val", "test")} if model.frozen else {}
     metrics: dict[str, float] = {f"data/{k}": float(v) for k, v in _flat(datamodule.summary).items()}
     t0 = time.perf_counter()
@@ -108,8 +110,8 @@ def build_with_vocabulary(model, datamodule, ckpt: str | None, train: bool) -> N
 class FeatureExtractor:
     """The tap's rows of every image of a split; cached (keyed by data, tap, weights and precision) on request."""
 
-    def __init__(self, model, datamodule, use_bf16: bool, cache_dir: str | None, enabled: bool):
-        self.model, self.datamodule, self.use_bf16 = model, datamodule, use_bf16
+    def __init__(self, model, datamodule, use_bf16: bool, cache_dir: str | None, enabled: bool, bars: bool = False):
+        self.model, self.datamodule, self.use_bf16, self.bars = model, datamodule, use_bf16, bars
         self.cache = FeatureCache(Path(cache_dir or ".") / "features", enabled=bool(enabled and cache_dir))
         self._state_sha: str | None = None
 
@@ -125,14 +127,13 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def compute(self, split: str) -> np.ndarray:
-        from tqdm import tqdm
-
         model, backbone = self.model, self.model.backbone
         was = backbone.training
         backbone.eval()
         rows = []
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.use_bf16):
-            for x, _ in tqdm(self.datamodule.image_loader(split), desc=f"features {split}", leave=False):
+            for x, _ in progress(self.datamodule.image_loader(split), f"lrcn_caption: features ({split})",
+                             enabled=self.bars, unit="batch"):
                 rows.append(model.image_features(x.to(model.device)).float().cpu().numpy())
         backbone.train(was)
         return np.concatenate(rows).astype(np.float32)

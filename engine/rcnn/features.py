@@ -19,6 +19,7 @@ from lightning_modules.rcnn import RCNNModule
 from models.rcnn.windows import ImageSet
 from transferrable.core.artifact_cache import ArtifactCache
 from transferrable.core.distributed import gather_objects
+from transferrable.core.progress import progress, trainer_bars
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ def feature_stage(r: RCNNRun, svm_data: ImageSet, test: ImageSet, info: dict) ->
     t = time.perf_counter()
     log.info("rcnn: pool5 of %d train and %d test regions (%s)", svm_data.num_regions, test.num_regions,
              model.cfg["feature_mode"])
-    extract = partial(pool5_features_sharded, r) if r.trainer.world_size > 1 else partial(pool5_features, model)
+    extract = (partial(pool5_features_sharded, r) if r.trainer.world_size > 1
+               else partial(pool5_features, model, bars=trainer_bars(r.trainer)))
     pool5_train = extract(svm_data, r.mean, r.std, feat_dir, **kw)
     info["train_feature_seconds"] = time.perf_counter() - t  # wall seconds (under DDP: of the sharded extraction)
     info["pool5_regions"] = {"train": int(svm_data.num_regions), "test": int(test.num_regions)}
@@ -43,7 +45,7 @@ def feature_stage(r: RCNNRun, svm_data: ImageSet, test: ImageSet, info: dict) ->
 
 
 def pool5_features(model: RCNNModule, data: ImageSet, mean, std, cache_dir: Path | None, *, weights: str,
-                   proposals: str) -> np.ndarray:
+                   proposals: str, bars: bool = False) -> np.ndarray:
     """pool5 of every region of ``data`` as a (read-only) np.memmap, computed once per key (:func:`feature_key`).
 
     An ``ArtifactCache`` memmap entry under ``cache_dir``: ``pool5-<split>-<hash16>.dat`` (rows, ``feature_dtype``)
@@ -51,7 +53,7 @@ def pool5_features(model: RCNNModule, data: ImageSet, mean, std, cache_dir: Path
     parse, names another key or shape, or a ``.dat`` of another size (truncated) is reported with a
     ``CacheWarning`` and rebuilt. While it is being built the rows go to ``.pool5-<split>-<hash16>.partial`` with a
     progress file saying how many images are on disk (flushed before it is written): a run killed mid-extraction
-    resumes from there.
+    resumes from there. ``bars``: a progress bar over the images (:mod:`transferrable.core.progress`).
     """
     key = feature_key(model, data, weights, proposals)
     dtype = np.dtype(model.cfg["feature_dtype"])
@@ -60,7 +62,7 @@ def pool5_features(model: RCNNModule, data: ImageSet, mean, std, cache_dir: Path
     if cache_dir is None:
         arr = np.zeros(shape, dtype)
         model.stats[f"feature_cache_{data.name}"] = "miss"
-        _extract_pool5(model, data, mean, std, arr, 0)
+        _extract_pool5(model, data, mean, std, arr, 0, bars=bars)
         return arr
     cache = ArtifactCache(cache_dir, version=CACHE_VERSION, what="pool5 cache", checksum=False, record_key=True,
                           manifest_name="{stem}.json")
@@ -73,7 +75,7 @@ def pool5_features(model: RCNNModule, data: ImageSet, mean, std, cache_dir: Path
         if w.start:
             log.info("rcnn: pool5 of %s resumes at image %d of %d (%s)", data.name, w.start, len(data), w.partial)
         model.stats[f"feature_cache_{data.name}"] = "resumed" if w.start else "miss"
-        _extract_pool5(model, data, mean, std, w.array, w.start, w.checkpoint)
+        _extract_pool5(model, data, mean, std, w.array, w.start, w.checkpoint, bars=bars)
     return w.result
 
 
@@ -123,7 +125,7 @@ def pool5_features_sharded(r: RCNNRun, data: ImageSet, mean, std, cache_dir: Pat
             arr[data.rows(i)] = model.image_pool5(data.images[i], data.boxes[i], mean, std)
 
         model.eval()
-        done = sharded_map(r, len(data) - start, write)  # the predict call opens the process group if none yet
+        done = sharded_map(r, len(data) - start, write, f"rcnn: pool5 ({data.name})")  # the predict call opens the process group if none yet
         arr.flush()
         arr = None  # rank 0's writer closes the file when it commits
         model.stats[f"pool5_images_computed_{data.name}"] = len(done)
@@ -137,10 +139,11 @@ def pool5_features_sharded(r: RCNNRun, data: ImageSet, mean, std, cache_dir: Pat
 
 
 def _extract_pool5(model: RCNNModule, data: ImageSet, mean, std, arr: np.ndarray, start: int,
-                   checkpoint: Callable[[int], None] | None = None) -> None:
+                   checkpoint: Callable[[int], None] | None = None, bars: bool = False) -> None:
     model.eval()
     every = max(1, len(data) // 20)  # progress points: a kill loses at most ~5% of the extraction
-    for i in range(start, len(data)):
+    for i in progress(range(start, len(data)), f"rcnn: pool5 ({data.name})", total=len(data), initial=start,
+                      enabled=bars, unit="img"):
         arr[data.rows(i)] = model.image_pool5(data.images[i], data.boxes[i], mean, std)
         model.stats[f"pool5_images_computed_{data.name}"] += 1
         if checkpoint is not None and ((i + 1) % every == 0) and i + 1 < len(data):

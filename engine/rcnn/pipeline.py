@@ -20,7 +20,8 @@
 5. class-specific ridge box regression on pool5 (``models.rcnn.bbox_regression``) -> an extra "+BB" row;
 6. test: per-class NMS at 0.3 (``models.rcnn.detection``), at most 100 detections per image; VOC AP
    in both conventions (``transferrable.metrics.voc_eval``), a per-class table shaped like Table 3.2
-   (``tables.json``), ``rcnn_results.json``, detections drawn on test images (``detections.png``).
+   (``tables.json``), ``rcnn_results.json``, detections drawn on test images (``detections.png``), each class's
+   precision-recall curve of the headline variant (``pr_curves.png`` + ``pr_curves.json``).
 
 Before fine-tuning, ``grayscale_source`` folds conv1's untrained colour components (a source learnt on
 grayscale images, ``models.weights.fold_conv1_colour``); afterwards the head's accuracy on windows of the
@@ -74,7 +75,9 @@ from transferrable.core.distributed import (
     sum_over_ranks,
 )
 from transferrable.core.log_results import log_results
-from transferrable.metrics.voc_eval import evaluate_detections
+from transferrable.core.progress import trainer_bars
+from transferrable.metrics.voc_eval import evaluate_detections, precision_envelope
+from transferrable.viz.pr_curves import plot_pr_curves
 from transferrable.viz.tables import render_table
 
 log = logging.getLogger(__name__)
@@ -183,7 +186,8 @@ def variant_scores(r: RCNNRun, scoring: str, layer: str, svm_data: ImageSet, poo
     ftr = ChunkedRows(pool5_train, None if layer == "pool5" else partial(model.from_pool5, layer=layer))
     scale = norm_scale(ftr[: min(len(ftr), 20000)], model.cfg["svm"]["feature_norm"])
     features = feature_key(model, svm_data, r.digest, r.proposals.tag)
-    miner = train_svms(model, svm_data, ftr, scale, layer, svm_store(r.output_dir), features)
+    miner = train_svms(model, svm_data, ftr, scale, layer, svm_store(r.output_dir), features,
+                       bars=trainer_bars(r.trainer))
     info[f"svm/{layer}"] = {"seconds": time.perf_counter() - t0, "feature_scale": scale, **miner.summary()}
     del ftr
     t1 = time.perf_counter()
@@ -234,6 +238,10 @@ def write_outputs(r: RCNNRun, test: ImageSet, pool5_test: np.ndarray, variants: 
     atomic_write_json(out / "rcnn_results.json", record)
     log.info("rcnn results:\n%s", render_table(table))
     images = {}
+    try:
+        images["rcnn/pr_curves"] = pr_curves_figure(r, test, variants[main]["detections"], main)
+    except Exception as err:  # noqa: BLE001 - a drawing failure must not lose the results
+        log.warning("could not draw the precision-recall curves: %s", err)
     if rc["draw_images"]:
         try:
             images["rcnn/detections"] = draw_detections(test, variants[main]["detections"], r.class_names,
@@ -247,6 +255,15 @@ def write_outputs(r: RCNNRun, test: ImageSet, pool5_test: np.ndarray, variants: 
             log.warning("could not draw the analysis figures: %s", err)
         atomic_write_json(out / "rcnn_results.json", {**record, "info": info})
     log_results(r.trainer, metrics, images)
+
+
+def pr_curves_figure(r: RCNNRun, test: ImageSet, detections: list[dict], main: str) -> Path:
+    """``pr_curves.png``: each class's precision-recall curve of the headline variant (its AP is the table's)."""
+    ev = evaluate_detections(detections, test.gt, r.model.num_classes)
+    curves = [precision_envelope(c.recall, c.precision) for c in ev["classes"]]
+    title = (f"R-CNN {main} on {getattr(r.datamodule, 'name', 'dataset')} test: precision-recall per class "
+             f"(mAP {ev['mAP'] * 100:.1f}%)")
+    return plot_pr_curves(r.output_dir / "pr_curves.png", curves, ev["ap"], r.class_names, title, ev["npos"])
 
 
 def analysis_figures(r: RCNNRun, test: ImageSet, pool5_test: np.ndarray, detections: list[dict], info: dict) -> dict:

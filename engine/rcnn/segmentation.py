@@ -77,6 +77,7 @@ from transferrable.core.errors import ConfigError
 from transferrable.core.feature_cache import FeatureCache, state_sha256
 from transferrable.core.log_results import log_results
 from transferrable.core.precision import inference_bf16
+from transferrable.core.progress import trainer_bars
 from transferrable.core.task_defaults import plain, task_config
 from transferrable.metrics.seg_eval import ConfusionMatrix
 from transferrable.viz.tables import render_table
@@ -128,7 +129,7 @@ def _run(cfg: DictConfig, trainer, datamodule, model: RCNNSegmentationModule, ou
     feats = {k: split_features(model, d, mean, std, fcache, weights, seg_cache.tag, timing, trainer)
              for k, d in splits.items()}
     info["feature_cache"] = dict(model.stats)
-    variants = fit_variants(model, feats, targets, splits, metrics)  # 4-6. regressors, thresholds, test
+    variants = fit_variants(model, feats, targets, splits, metrics, bars=trainer_bars(trainer))  # 4-6. regressors, thresholds, test
     bg = test_baselines(model.num_classes, splits["test"], targets["test"], metrics)
     main = max(variants, key=lambda k: (variants[k]["val_mean_iou"], -list(variants).index(k)))
     metrics["test/mean_iou"] = variants[main]["mean_iou"]
@@ -168,14 +169,12 @@ def split_items(datamodule, sc: dict, seed) -> dict[str, list[dict]]:
 
 def regions(name: str, items: list[dict], cache: SegmentCache, timing: dict, trainer=None,
             model: RCNNSegmentationModule | None = None) -> SegSplit:
-    from tqdm import tqdm
-
     t = time.perf_counter()
-    if trainer is not None and trainer.world_size > 1:  # sharded by image, gathered on every rank
-        regs = sharded_map_on(trainer, model, len(items), lambda i: cache.get(items[i]["image_id"], items[i]["image"]))
+    if trainer is not None:  # under DDP sharded by image, gathered on every rank
+        regs = sharded_map_on(trainer, model, len(items), lambda i: cache.get(items[i]["image_id"], items[i]["image"]),
+                              f"rcnn_segmentation: segments ({name})")
     else:
-        regs = [cache.get(it["image_id"], it["image"]) for it in tqdm(items, desc=f"segments ({name})", unit="img",
-                                                                       leave=False, disable=len(items) < 20)]
+        regs = [cache.get(it["image_id"], it["image"]) for it in items]
     timing[f"segments_{name}"] = time.perf_counter() - t
     return SegSplit(name, items, regs)
 
@@ -195,7 +194,8 @@ def finetune_for_detection(trainer, model: RCNNSegmentationModule, items: list[d
     """Fine-tune ``model``'s backbone as task=rcnn does (a fresh (N+1)-way head around it), boxes from the masks."""
     rcnn = RCNNModule(model.backbone, model.num_classes, cfg=detection_config(model.cfg))
     pc = ProposalCache(None if cache_root is None else cache_root / "proposals" / root_tag, **rcnn.cfg["proposals"])
-    props = sharded_map_on(trainer, model, len(items), lambda i: pc.get(items[i]["image_id"], items[i]["image"]))
+    props = sharded_map_on(trainer, model, len(items), lambda i: pc.get(items[i]["image_id"], items[i]["image"]),
+                           "rcnn_segmentation: proposals")
     info = finetune(trainer, rcnn, ImageSet("train", items, props, True), mean, std, seed,
                     None if cache_root is None else cache_root / "rcnn_finetune")
     model.backbone.eval()

@@ -17,6 +17,7 @@ from models.rcnn.feature_rows import RegionIndex
 from transferrable.core.artifact_cache import digest
 from transferrable.core.distributed import gather_objects, sharded_map_on
 from transferrable.core.feature_cache import FeatureCache
+from transferrable.core.progress import progress, trainer_bars
 
 CACHE_VERSION = 1
 
@@ -46,8 +47,6 @@ def split_features(model: RCNNSegmentationModule, data: SegSplit, mean, std, cac
                    segment_tag: str, timing: dict, trainer=None) -> dict[tuple[str, str], np.ndarray]:
     """Features of every region of ``data`` for the base kinds (full, fg) the variants need, float16,
     cached per (kind, layer)."""
-    from tqdm import tqdm
-
     if trainer is not None and trainer.world_size > 1:
         return split_features_sharded(trainer, model, data, mean, std, cache, weights, segment_tag, timing)
     base = base_kinds(model)
@@ -60,7 +59,8 @@ def split_features(model: RCNNSegmentationModule, data: SegSplit, mean, std, cac
     arrays = {k: np.zeros((data.num_regions, model.backbone.feature_dim(k[1])), np.float16) for k in keys}
     model.backbone.eval()
     t = time.perf_counter()
-    for i in tqdm(range(len(data)), desc=f"features ({data.name})", unit="img", leave=False, disable=len(data) < 20):
+    for i in progress(range(len(data)), f"rcnn_segmentation: features ({data.name})", unit="img",
+                      enabled=trainer is not None and trainer_bars(trainer)):
         feats = model.image_features(data.images[i], data.masks(i), data.boxes[i], mean, std, base)
         for k in keys:
             arrays[k][data.rows(i)] = feats[k]

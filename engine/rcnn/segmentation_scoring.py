@@ -13,6 +13,7 @@ from engine.rcnn.segmentation_features import SegSplit, variant_matrix
 from lightning_modules.rcnn_segmentation import RCNNSegmentationModule
 from models.rcnn.seg_regions import paste_labels, region_quality
 from models.rcnn.svm import norm_scale
+from transferrable.core.progress import progress
 from transferrable.metrics.seg_eval import ConfusionMatrix
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,8 @@ def best_region_overlap(test: SegSplit, q_test: np.ndarray) -> float:
     return float(np.mean(best)) if best else float("nan")
 
 
-def fit_regressors(X: np.ndarray, Y: np.ndarray, sc: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(W C x D, b C): one regressor per class from scaled features to region quality."""
+def fit_regressors(X: np.ndarray, Y: np.ndarray, sc: dict, desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(W C x D, b C): one regressor per class from scaled features to region quality (SVRs: a ``desc`` bar)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -50,7 +51,7 @@ def fit_regressors(X: np.ndarray, Y: np.ndarray, sc: dict) -> tuple[np.ndarray, 
     svr = sc["svr"]
     W = np.zeros((Y.shape[1], X.shape[1]), np.float32)
     b = np.zeros(Y.shape[1], np.float32)
-    for c in range(Y.shape[1]):
+    for c in progress(range(Y.shape[1]), desc, enabled=bool(desc), unit="class"):
         loss = str(svr["loss"])
         # the primal solver (liblinear -s 11) is much faster with more regions than dimensions; the L1 loss
         # has only a dual solver
@@ -63,8 +64,10 @@ def fit_regressors(X: np.ndarray, Y: np.ndarray, sc: dict) -> tuple[np.ndarray, 
     return W, b
 
 
-def fit_variants(model: RCNNSegmentationModule, feats: dict, targets: dict, splits: dict, metrics: dict) -> dict:
-    """Every (features, layer) variant: regressors on train, thresholds on val, IoU on test (into ``metrics``)."""
+def fit_variants(model: RCNNSegmentationModule, feats: dict, targets: dict, splits: dict, metrics: dict,
+                 bars: bool = False) -> dict:
+    """Every (features, layer) variant: regressors on train, thresholds on val, IoU on test (into ``metrics``);
+    ``bars``: a bar of each variant's per-class fits."""
     sc = model.cfg
     grid = np.asarray(sc["thresholds"] if sc["thresholds"] is not None else np.arange(0.05, 0.81, 0.05), np.float32)
     variants: dict[str, dict] = {}
@@ -74,7 +77,7 @@ def fit_variants(model: RCNNSegmentationModule, feats: dict, targets: dict, spli
             t0 = time.perf_counter()
             Xtr = variant_matrix(feats["train"], kind, layer)
             scale = norm_scale(Xtr[: min(len(Xtr), 20000)], float(sc["feature_norm"]))
-            W, b = fit_regressors(Xtr * scale, targets["train"], sc)
+            W, b = fit_regressors(Xtr * scale, targets["train"], sc, f"rcnn_segmentation: {name} regressors" if bars else "")
             del Xtr
             t_fit = time.perf_counter() - t0
             S = {k: variant_matrix(feats[k], kind, layer) * scale @ W.T + b for k in ("val", "test")}

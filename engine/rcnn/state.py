@@ -72,16 +72,17 @@ def load_split(r: RCNNRun, split_keys: list[str], limit, with_gt: bool, name: st
         t = time.perf_counter()
         return r.proposals.get(items[i]["image_id"], items[i]["image"]), time.perf_counter() - t
 
-    done = sharded_map(r, len(items), proposals_of)  # each image's cache file written by the rank computing it
+    done = sharded_map(r, len(items), proposals_of, f"rcnn: proposals ({name})")  # each image's cache file written by the rank computing it
     if timed and r.trainer.is_global_zero:  # every rank holds every image's seconds: counted once
         r.model.timing["proposals"] += sum(t for _, t in done)
     return ImageSet(name, items, [p for p, _ in done], with_gt)
 
 
-def sharded_map(r: RCNNRun, n: int, job: Callable[[int], Any]) -> list:
+def sharded_map(r: RCNNRun, n: int, job: Callable[[int], Any], desc: str = "") -> list:
     """``[job(i) for i in range(n)]``. Under DDP a ``trainer.predict`` over the indices (the same call on every
-    rank; rank r takes r, r + W, ... through Lightning's unpadded sampler), the answers gathered on every rank."""
-    return sharded_map_on(r.trainer, r.model, n, job)
+    rank; rank r takes r, r + W, ... through Lightning's unpadded sampler), the answers gathered on every rank.
+    One process: a ``desc`` bar when the run shows bars."""
+    return sharded_map_on(r.trainer, r.model, n, job, desc)
 
 
 

@@ -16,6 +16,7 @@ from models.rcnn.regions import assign_labels, class_max_iou
 from models.rcnn.svm import HardNegativeMiner
 from models.rcnn.windows import ImageSet
 from transferrable.core.feature_cache import FeatureCache
+from transferrable.core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,11 @@ def svm_store(output_dir: Path | None) -> FeatureCache | None:
 
 
 def train_svms(model: RCNNModule, data: ImageSet, feats: np.ndarray, scale: float, layer: str = "fc7",
-               store: FeatureCache | None = None, features: dict | None = None) -> HardNegativeMiner:
+               store: FeatureCache | None = None, features: dict | None = None, bars: bool = False) -> HardNegativeMiner:
     """One linear SVM per class over ``feats`` (rows of ``data``'s regions, x ``scale``): the ground-truth boxes
     are the positives, regions under ``neg_threshold`` IoU with every box of the class the negatives, mined hard.
-    With a ``store`` each class is saved as it finishes (keyed by ``features``, the pool5 key) and restored."""
+    With a ``store`` each class is saved as it finishes (keyed by ``features``, the pool5 key) and restored.
+    ``bars``: a progress bar over the mining pass (every class's hard negatives, image by image)."""
     c = model.cfg["svm"]
 
     def save(k: int) -> None:
@@ -50,7 +52,7 @@ def train_svms(model: RCNNModule, data: ImageSet, feats: np.ndarray, scale: floa
                               on_finished=None if store is None else save)
     if store is not None:
         _restore_svms(model, miner, store, features, layer, scale, feats.shape[1])
-    _mine(model, miner, data, feats, scale)
+    _mine(model, miner, data, feats, scale, f"rcnn: {layer} SVM hard negatives" if bars else "")
     miner.finish()
     return miner
 
@@ -68,8 +70,9 @@ def _restore_svms(model: RCNNModule, miner: HardNegativeMiner, store: FeatureCac
         log.info("rcnn: %s SVMs of %d classes reused from %s", layer, int(miner.restored.sum()), store.root)
 
 
-def _mine(model: RCNNModule, miner: HardNegativeMiner, data: ImageSet, feats: np.ndarray, scale: float) -> None:
-    """Positives (non-difficult ground truth), then one pass of hard negatives over every image."""
+def _mine(model: RCNNModule, miner: HardNegativeMiner, data: ImageSet, feats: np.ndarray, scale: float,
+          desc: str = "") -> None:
+    """Positives (non-difficult ground truth), then one pass of hard negatives over every image (a ``desc`` bar)."""
     pos: dict[int, list] = {}
     for i in range(len(data)):
         g = data.gt[i]
@@ -82,7 +85,7 @@ def _mine(model: RCNNModule, miner: HardNegativeMiner, data: ImageSet, feats: np
     if miner.restored[miner.has_model].all():  # every class restored: no pass over the features
         return
     threshold = model.cfg["svm"]["neg_threshold"]
-    for i in range(len(data)):
+    for i in progress(range(len(data)), desc, enabled=bool(desc), unit="img"):
         g = data.gt[i]
         X = feats[data.rows(i)] * scale
         miner.add_image(X, class_max_iou(data.boxes[i], g["boxes"], g["labels"], model.num_classes) < threshold)

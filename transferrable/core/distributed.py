@@ -178,14 +178,16 @@ def sum_over_ranks(trainer, values: dict) -> dict:
     return out
 
 
-def sharded_map_on(trainer, model, n: int, job: Callable[[int], Any]) -> list:
-    """``[job(i) for i in range(n)]``; under DDP a ``trainer.predict`` over the indices (the same call on every rank;
+def sharded_map_on(trainer, model, n: int, job: Callable[[int], Any], desc: str = "") -> list:
+    """``[job(i) for i in range(n)]`` (a ``desc`` bar when the trainer shows bars); under DDP a ``trainer.predict`` over the indices (the same call on every rank;
     rank r takes r, r + W, ... through Lightning's unpadded sampler), the answers gathered on every rank. ``model``
     has a ``predict_job`` attribute and a ``predict_step`` that calls it on each index (R-CNN's modules), and a
     ``stats`` dict that records how many images each rank took."""
     if trainer.world_size <= 1:
-        return [job(i) for i in range(n)]
-    model.predict_job = job
+        from transferrable.core.progress import progress, trainer_bars
+
+        return [job(i) for i in progress(range(n), desc, enabled=bool(desc) and trainer_bars(trainer), unit="img")]
+    model.predict_job = job  # Lightning's predict bar shows the progress
     try:
         batches = trainer.predict(model, dataloaders=DataLoader(list(range(n)), batch_size=1, shuffle=False),
                                   return_predictions=True) or []

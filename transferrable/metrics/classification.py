@@ -13,3 +13,10 @@ def per_class_accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int) -
         if mask.any():
             out[c] = float((pred[mask] == c).mean())
     return out
+
+
+def confusion_counts(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """K x K counts: row = true class, column = predicted class."""
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(counts, (np.asarray(labels, np.int64), np.asarray(pred, np.int64)), 1)
+    return counts

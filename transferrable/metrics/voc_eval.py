@@ -76,6 +76,17 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, convention: str
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
 
 
+def precision_envelope(recall: np.ndarray, precision: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The curve the ``area`` AP integrates: at each recall ``r_k`` where recall rises, the best precision at that
+    recall or beyond (``p_k``). ``AP = sum((r_k - r_{k-1}) * p_k)`` with ``r_0 = 0`` (VOC's recall-1 sentinel, whose
+    precision is 0, is left out)."""
+    mrec = np.concatenate([[0.0], np.asarray(recall, float), [1.0]])
+    mpre = np.maximum.accumulate(np.concatenate([[0.0], np.asarray(precision, float), [0.0]])[::-1])[::-1]
+    idx = np.where(mrec[1:] != mrec[:-1])[0] + 1
+    idx = idx[idx < len(mrec) - 1]
+    return mrec[idx], mpre[idx]
+
+
 @dataclass
 class ClassResult:
     ap: float  # area convention

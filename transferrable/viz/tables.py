@@ -8,7 +8,8 @@ classifier x feature), each ``{"title", "corner", "columns", "rows": [{"label", 
 [value] | null, ...]}], ["bold": [row, col]]}`` with cells in percent; a one-element cell is a single run's
 value and prints without a (fake) std. The report prints them after the run table.
 Tables flagged ``"merge_runs": true`` (one row per run, e.g. LRCN's Table 4.5/4.6 layouts) are merged
-into one table across the runs of a sweep.
+into one table across the runs of a sweep. Each swept knob is also plotted against the metric
+(:mod:`transferrable.viz.sweep_plots`: ``knob_<knob>.png`` + ``.json`` beside ``report.md``, linked at its end).
 
 Tables built across the runs of a sweep (LRCN's Tables 4.1-4.3, Table 5.2) come from builders that register
 here with :func:`sweep_table`; this module imports none of them. ``transferrable.run.report`` (what eval.py and
@@ -24,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from transferrable.core.atomic import atomic_write_text
+from transferrable.viz.sweep_plots import plot_sweep
 
 METRICS_FILE = "metrics.json"  # written by transferrable.run.runner.train in every run's output directory
 TABLES_FILE = "tables.json"
@@ -147,5 +149,9 @@ def write_report(sweep_dir: str | Path, metrics: Sequence[str] | None = None) ->
         sweep = build(runs)
         if sweep:
             table += "\n" + sweep
+    plots = plot_sweep(runs, sweep_dir, metrics)
+    if plots:
+        table += "\n**Plots** (the numbers drawn: the .json beside each)\n\n" + "".join(
+            f"![{p.stem}]({p.name})\n" for p in plots)
     atomic_write_text(Path(sweep_dir) / "report.md", table)
     return table
