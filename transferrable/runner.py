@@ -22,6 +22,7 @@ from transferrable.errors import ConfigError
 from transferrable.nested_run import install_train, overrides_node
 from transferrable.precision import resolve_precision
 from transferrable.report_core import METRICS_FILE
+from transferrable.wandb_logger import log_lineage
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_processes(cfg, trainer)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_lineage(loggers, cfg)  # W&B artifacts: the weights this run starts from, its config
         metrics = dict(pipeline(cfg=cfg, trainer=trainer, datamodule=datamodule, model=model))
         for key, value in list(metrics.items()):
             if isinstance(value, float) and not math.isfinite(value):
