@@ -15,7 +15,7 @@ from transferrable import source  # source.resolve_source_weights is looked up p
 from transferrable.archives import extract_configured_archive
 from transferrable.atomic import atomic_write_json
 from transferrable.cache_lock import lock_timeout, set_lock_timeout
-from transferrable.checkpoints import check_ckpt_path, load_weights_only
+from transferrable.checkpoints import check_ckpt_path, load_weights_only, resolve_last
 from transferrable.compat import check_task_dataset
 from transferrable.config_schema import validate
 from transferrable.errors import ConfigError
@@ -156,6 +156,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)  # every value in range, every paths.* directory writable (transferrable/config_schema.py)
     check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
     set_lock_timeout(cfg.paths.get("cache_lock_timeout_s", lock_timeout()))  # how long a job waits for another's build
+    resolve_last(cfg)  # ckpt_path=last: this run's last.ckpt, or a fresh start
     check_ckpt_path(cfg)  # so does a ckpt_path that is missing, not weights-only, or of another task/backbone
     extract_configured_archive(cfg)  # and an unsafe dataset.data_dir archive (a safe one is extracted once)
     datamodule = build_datamodule(cfg)  # a dataset config error costs seconds, not a source pretraining
