@@ -5,22 +5,30 @@
 # Extra arguments for train.py go in ARGS, e.g. make train ARGS="backbone.freeze=conv3 trainer.max_epochs=2"
 
 PYTHON ?= python3
+comma := ,
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+EXTRAS := dev,offline-data,slurm,optuna,parallel
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup data train test bench docs lint clean
+.PHONY: setup data train test bench docs lint clean lock
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every package with its sha256 (CPython 3.11, Linux x86_64); `make lock` regenerates it
+# from pyproject.toml after a dependency changes there. The project itself goes in editable, without dependencies.
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) -c "import sys, platform; ok = sys.version_info[:2] == (3, 11) and platform.machine() == 'x86_64'; \
+		ok or sys.exit(f'$(LOCK) is for CPython 3.11 on x86_64, not {platform.python_version()} on {platform.machine()}: ' \
+		'run make PYTHON=python3.11, or make lock on this machine')"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,offline-data,slurm,optuna]'
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	# albumentations pulls opencv-python-headless, which hides cv2.ximgproc/cv2.optflow: put contrib back last
 	$(PY) -m pip install --quiet --no-deps --force-reinstall \
 		"opencv-contrib-python-headless==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opencv-python-headless"))')"
@@ -60,6 +68,15 @@ bench: setup
 # stdlib only: needs the venv's python, not the data
 docs: $(STAMP)
 	$(PY) -m transferrable.run.results_docs $(ARGS)
+
+# Re-resolve requirements.lock from pyproject.toml (uv; the indexes of pip's config, e.g. a local mirror, included)
+lock: $(STAMP)
+	$(PY) -m pip install --quiet uv
+	$(VENV)/bin/uv pip compile pyproject.toml $(foreach e,$(subst $(comma), ,$(EXTRAS)),--extra $(e)) \
+		--generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		$(foreach u,$(shell $(PY) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(u)) \
+		--index-strategy unsafe-best-match --no-emit-index-url --no-emit-find-links \
+		--custom-compile-command "make lock" -o $(LOCK)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -41,3 +41,16 @@ class SignalAtStep(L.Callback):
         if trainer.global_step >= self.step and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class SignalOnceAtStep(L.Callback):
+    """Sends ``signum`` to its own process after N optimiser steps, once per ``marker`` file (so a requeued job that
+    reaches step N again runs on): SLURM's time-limit warning (USR2) arriving mid-epoch."""
+
+    def __init__(self, step: int, signum: int, marker: str) -> None:
+        self.step, self.signum, self.marker = int(step), int(signum), Path(marker)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), self.signum)

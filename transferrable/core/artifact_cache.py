@@ -18,6 +18,10 @@ on. The cache owns:
   manifest is removed before and written after the artefact, so its presence vouches for a complete entry; a build
   that raises or is killed leaves no entry under the final name (the temporaries of dead processes are removed by the
   next build of the same entry);
+* **an inter-process lock per entry** (``transferrable.core.cache_lock``: ``.<name>.lock`` beside it) -- ``get_or_build``,
+  ``ensure`` and the writers build under it, so parallel jobs build an entry once: the first builds, the others wait
+  and then reuse it; a killed holder releases it (an OS lock), a stuck one makes the others stop after
+  ``paths.cache_lock_timeout_s`` with one line;
 * **manifests** -- a file's sidecar (``<name>.manifest.json`` by default, ``manifest_name="{stem}.json"`` for the
   caches that always named it so): ``version``, ``key_hash``, ``bytes``, ``sha256`` (unless ``checksum=False``, for
   multi-GB arrays that are memory-mapped), the ``key`` itself with ``record_key=True`` (then a mismatch names the
@@ -103,6 +107,7 @@ from typing import Any
 import numpy as np
 
 from transferrable.core.atomic import atomic_write_bytes, atomic_write_json, publish_dir
+from transferrable.core.cache_lock import entry_lock
 
 log = logging.getLogger(__name__)
 
@@ -372,6 +377,32 @@ class ArtifactCache:
         self.stats["rebuilt"] += 1
         warn_rebuild(self.what, path, why, self.warning, stacklevel=4)
 
+    def lock(self, path: str | Path, timeout: float | None = None):
+        """The entry's inter-process lock (re-entrant in a thread): ``with cache.lock(path) as waited: ...``."""
+        return entry_lock(path, self.what, timeout)
+
+    def ensure(self, path: str | Path, key: Any, build: Callable[[], Any], *,
+               load: Callable[[Path, dict], Any] | None = None,
+               adopt: Callable[[Path], dict | None] | None = None) -> tuple[Any, bool]:
+        """``(value, built)``: the entry as :meth:`read` gives it, else -- under the entry's lock, after reading it
+        again (another process may have built it meanwhile) -- ``build()``, which writes it (e.g. through
+        :meth:`writer`), and the entry read back. For entries built by a whole run (the source representation)."""
+        value, why = self.read(path, key, load, adopt=adopt)
+        if why is None:
+            self.stats["hits"] += 1
+            return value, False
+        with self.lock(path):
+            value, why = self.read(path, key, load, adopt=adopt, warn=False)  # (the first read warned)
+            if why is None:
+                self.stats["hits"] += 1
+                return value, False
+            self.stats["misses"] += 1
+            build()
+        value, why = self.read(path, key, load)
+        if why is not None:
+            raise RuntimeError(f"{self.what} {path}: unusable right after it was built ({why})")
+        return value, True
+
     # -- single files -----------------------------------------------------------------------------------
     def _manifest_problem(self, m: Any, key: Any, expect: dict | None) -> str | None:
         if not isinstance(m, dict):
@@ -463,20 +494,21 @@ class ArtifactCache:
         An exception (or a kill) leaves no entry under the final name."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
-        os.close(fd)
-        w = FileWriter(Path(tmp))
-        try:
-            yield w
-            with open(w.path, "rb+") as f:
-                os.fsync(f.fileno())
-            self.manifest_path(path).unlink(missing_ok=True)  # the old manifest must not vouch for the new file
-            os.replace(w.path, path)
-        except BaseException:
-            w.path.unlink(missing_ok=True)
-            raise
-        w.result = self.write_manifest(path, key, **{**extra, **w.manifest})
+        with self.lock(path):  # one writer of an entry at a time, across processes
+            remove_stale_temporaries(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
+            os.close(fd)
+            w = FileWriter(Path(tmp))
+            try:
+                yield w
+                with open(w.path, "rb+") as f:
+                    os.fsync(f.fileno())
+                self.manifest_path(path).unlink(missing_ok=True)  # the old manifest must not vouch for the new file
+                os.replace(w.path, path)
+            except BaseException:
+                w.path.unlink(missing_ok=True)
+                raise
+            w.result = self.write_manifest(path, key, **{**extra, **w.manifest})
 
     def write_bytes(self, path: str | Path, key: Any, data: bytes, **extra: Any) -> Path:
         with self.writer(path, key, **extra) as w:
@@ -505,13 +537,14 @@ class ArtifactCache:
         progress stay, so the next writer of the same key resumes at ``start``; on success the partial file is
         renamed into place and the manifest (with ``shape`` and ``dtype``) written."""
         path = Path(path)
-        w = MemmapWriter(self, path, key, shape, dtype)
-        try:
-            yield w
-        except BaseException:
-            w.array.flush()  # what is written stays for the next writer (the progress file says how much)
-            raise
-        w._commit(extra)
+        with self.lock(path):  # two writers of one partial file would interleave their rows
+            w = MemmapWriter(self, path, key, shape, dtype)
+            try:
+                yield w
+            except BaseException:
+                w.array.flush()  # what is written stays for the next writer (the progress file says how much)
+                raise
+            w._commit(extra)
 
     # -- arrays in one .npz ------------------------------------------------------------------------------
     def read_arrays(self, path: str | Path, key: Any, *, adopt: bool = True,
@@ -570,25 +603,37 @@ class ArtifactCache:
             atomic_write_json(tmp / MANIFEST_NAME, {**extra, "version": self.version, "params": jsonable(key),
                                                     "files": file_sizes(tmp)})
 
-        return publish_dir(path, run, lambda: self.dir_problem(path, key, validate) is None)
+        with self.lock(path):
+            return publish_dir(path, run, lambda: self.dir_problem(path, key, validate) is None)
 
-    def _get_dir(self, path: Path, key: Any, build: Callable[[Path], dict | None],
-                 load: Callable[[Path, dict], Any] | None, validate: Callable[[Path], str | None] | None) -> Any:
+    def _dir_entry(self, path: Path, key: Any, load: Callable[[Path, dict], Any] | None,
+                   validate: Callable[[Path], str | None] | None) -> tuple[Any, str | None]:
         why = self.dir_problem(path, key, validate)
         if why is None:
             try:
                 value = path if load is None else load(path, json.loads((path / MANIFEST_NAME).read_text()))
                 self.stats["hits"] += 1
                 log.info("%s: reusing %s", self.what, path)
-                return value
+                return value, None
             except Exception as err:  # noqa: BLE001 - a damaged file under an old manifest without a file list
                 why = _reason(err)
                 (path / MANIFEST_NAME).unlink(missing_ok=True)  # it must not vouch for the entry any more
-        if why != ABSENT:
-            self.warn(path, why)
-        self.stats["misses"] += 1
-        log.info("%s: building %s", self.what, path)
-        self.build_dir(path, key, build, validate=validate)
+        return None, why
+
+    def _get_dir(self, path: Path, key: Any, build: Callable[[Path], dict | None],
+                 load: Callable[[Path, dict], Any] | None, validate: Callable[[Path], str | None] | None) -> Any:
+        value, why = self._dir_entry(path, key, load, validate)
+        if why is None:
+            return value
+        with self.lock(path):  # another process may have built it while this one waited: look again
+            value, again = self._dir_entry(path, key, load, validate)
+            if again is None:
+                return value
+            if why != ABSENT:
+                self.warn(path, why)
+            self.stats["misses"] += 1
+            log.info("%s: building %s", self.what, path)
+            self.build_dir(path, key, build, validate=validate)
         return path if load is None else load(path, json.loads((path / MANIFEST_NAME).read_text()))
 
     # -- one call ------------------------------------------------------------------------------------------
@@ -610,9 +655,14 @@ class ArtifactCache:
             if arrays is not None:
                 self.stats["hits"] += 1
                 return arrays
-            self.stats["misses"] += 1
-            arrays = build()
-            self.write_arrays(path, key, arrays)
+            with self.lock(path):  # built once across processes: the others wait, then read it
+                arrays, _ = self.read_arrays(path, key, warn=False)
+                if arrays is not None:
+                    self.stats["hits"] += 1
+                    return arrays
+                self.stats["misses"] += 1
+                arrays = build()
+                self.write_arrays(path, key, arrays)
             return arrays
         if kind != "file":
             raise ValueError(f"ArtifactCache.get_or_build(kind={kind!r}): expected file, dir or arrays")
@@ -620,7 +670,12 @@ class ArtifactCache:
         if why is None:
             self.stats["hits"] += 1
             return value
-        self.stats["misses"] += 1
-        m = self.build_file(path, key, build)
+        with self.lock(path):  # built once across processes: the others wait, then read it
+            value, why = self.read(path, key, load, adopt=adopt, warn=False)  # (the first read warned)
+            if why is None:
+                self.stats["hits"] += 1
+                return value
+            self.stats["misses"] += 1
+            m = self.build_file(path, key, build)
         return path if load is None else load(path, m)
 

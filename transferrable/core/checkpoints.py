@@ -10,6 +10,7 @@ with a page of missing keys.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from transferrable.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # ckpt_path values Lightning resolves itself (``last`` also means "start fresh when there is none")
 LIGHTNING_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -79,3 +82,18 @@ def check_ckpt_path(cfg: DictConfig) -> None:
         raise ConfigError(
             f"ckpt_path={ckpt!r} holds another backbone architecture than backbone= of this run "
             f"(checkpoint vs run: {shown}); use the checkpoint's backbone overrides")
+
+
+def resolve_last(cfg: DictConfig) -> None:
+    """``ckpt_path=last`` (hardware=slurm sets it, so a requeued job continues): the newest ``last*.ckpt`` in this
+    run's checkpoint directory, as Lightning picks it, or null -- a fresh start -- when there is none, so every
+    pipeline (not only Lightning's fit) gets a file or nothing, and the file is checked like any other."""
+    if cfg.get("ckpt_path") != "last":
+        return
+    from omegaconf import open_dict
+
+    dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    found = sorted(Path(dirpath).glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if dirpath else []
+    with open_dict(cfg):
+        cfg.ckpt_path = str(found[-1]) if found else None
+    log.info("ckpt_path=last: %s", f"resuming from {found[-1]}" if found else "no checkpoint yet, starting fresh")

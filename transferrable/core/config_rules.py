@@ -322,6 +322,7 @@ TAIL_RULES: list[tuple[str, Rule]] = [
     ("callbacks.model_summary.max_depth", Int(-1)),
     ("callbacks.progress_bar.refresh_rate", Int(0)),
     ("logger.wandb.probe_timeout", POSITIVE),
+    ("paths.cache_lock_timeout_s", POSITIVE),
     # generic names, last: what the specific rules above did not claim
     ("*_seed", SEED),
     ("*.seed", SEED),

@@ -11,7 +11,8 @@ key's sha256 names two files under the cache directory (``${paths.cache_dir}/fea
 
 ``FeatureCache`` is a thin layer over ``transferrable.core.artifact_cache.ArtifactCache`` (``record_key=True``,
 ``manifest_name="{stem}.json"``), which writes both atomically (temporary file + ``os.replace``), so a crash never
-leaves a half-written file under the final name and concurrent sweep jobs at worst compute the same entry twice.
+leaves a half-written file under the final name; concurrent sweep jobs compute an entry once (the first computes
+it under the entry's lock, ``transferrable.core.cache_lock``, the others wait and load it).
 On load, a manifest whose key, version, shape or checksum does not match -- a truncated ``.npy``, a file copied
 over from other weights, an old format -- is reported with a ``FeatureCacheWarning`` and the entry is rebuilt; a
 damaged entry is never used silently.
@@ -112,8 +113,15 @@ class FeatureCache:
         if arr is not None:
             self.hits += 1
             return arr, True
-        self.misses += 1
-        arr = compute()
-        if self.enabled:
+        if not self.enabled:
+            self.misses += 1
+            return compute(), False
+        with self.cache.lock(self.paths(name, key)[0]):  # parallel jobs compute an entry once
+            arr, why = self.cache.read(self.paths(name, key)[0], key, _load_npy, warn=False)
+            if arr is not None:
+                self.hits += 1
+                return arr, True
+            self.misses += 1
+            arr = compute()
             self.save(name, key, arr)
         return arr, False

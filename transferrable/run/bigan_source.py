@@ -92,10 +92,9 @@ def resolve_bigan_weights(cfg: DictConfig) -> None:
     if "BiGANAlexNet" not in str(cfg.backbone.get("_target_")):
         raise ValueError(f"backbone.weights={spec!r} needs backbone=bigan_alexnet (the conv BiGAN encoder)")
     path = bigan_source_path(cfg, dataset)
-    _, why = bigan_cache(cfg).read(path, path.stem, adopt=adopt_state_dict_file)  # damaged: warned, retrained
-    if why is not None:
-        pretrain_bigan_source(cfg, dataset, path)
-    else:
+    _, built = bigan_cache(cfg).ensure(path, path.stem, lambda: pretrain_bigan_source(cfg, dataset, path),
+                                       adopt=adopt_state_dict_file)  # damaged: warned, retrained; once across jobs
+    if not built:
         log.info("using cached BiGAN encoder %s", path)
     with open_dict(cfg):
         cfg.backbone.weights = str(path)

@@ -13,11 +13,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from engine.single_fit import plain_metrics
 from transferrable.core.archives import extract_configured_archive
 from transferrable.core.atomic import atomic_write_json
-from transferrable.core.checkpoints import check_ckpt_path, load_weights_only
+from transferrable.core.cache_lock import lock_timeout, set_lock_timeout
+from transferrable.core.checkpoints import check_ckpt_path, load_weights_only, resolve_last
 from transferrable.core.config_schema import validate
 from transferrable.core.distributed import is_rank_aware
 from transferrable.core.errors import ConfigError
 from transferrable.core.precision import resolve_precision
+from transferrable.core.wandb_logger import log_lineage
 from transferrable.run import source  # source.resolve_source_weights is looked up per call (tests replace it)
 from transferrable.run.compat import check_task_dataset
 from transferrable.run.methods import METHODS  # noqa: F401  (registers every method's config keys)
@@ -155,6 +157,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     apply_precision_policy(cfg)  # first: the nested source pretraining below inherits the resolved precision
     validate(cfg)  # every value in range, every paths.* directory writable (transferrable/core/config_schema.py)
     check_task_dataset(cfg)  # a task/dataset pair that cannot work fails here, before any pretraining
+    set_lock_timeout(cfg.paths.get("cache_lock_timeout_s", lock_timeout()))  # how long a job waits for another's build
+    resolve_last(cfg)  # ckpt_path=last: this run's last.ckpt, or a fresh start
     check_ckpt_path(cfg)  # so does a ckpt_path that is missing, not weights-only, or of another task/backbone
     extract_configured_archive(cfg)  # and an unsafe dataset.data_dir archive (a safe one is extracted once)
     datamodule = build_datamodule(cfg)  # a dataset config error costs seconds, not a source pretraining
@@ -170,6 +174,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_processes(cfg, trainer)
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        log_lineage(loggers, cfg)  # W&B artifacts: the weights this run starts from, its config
         metrics = dict(pipeline(cfg=cfg, trainer=trainer, datamodule=datamodule, model=model))
         for key, value in list(metrics.items()):
             if isinstance(value, float) and not math.isfinite(value):

@@ -127,11 +127,11 @@ def resolve_source_weights(cfg: DictConfig) -> None:
     dataset = spec[len(SOURCE_PREFIX):]
     check_dataset_choice(spec, dataset, what="source dataset")
     path = source_checkpoint_path(cfg, dataset)
-    # a file from before manifests is adopted when it loads; a damaged one warns (CacheWarning) and is retrained
-    _, why = source_cache(cfg).read(path, path.stem, adopt=adopt_state_dict_file)
-    if why is not None:
-        pretrain_source(cfg, dataset, path)
-    else:
+    # a file from before manifests is adopted when it loads; a damaged one warns (CacheWarning) and is retrained;
+    # under the entry's lock, so parallel jobs pretrain it once (the others wait, then reuse it)
+    _, built = source_cache(cfg).ensure(path, path.stem, lambda: pretrain_source(cfg, dataset, path),
+                                        adopt=adopt_state_dict_file)
+    if not built:
         log.info("using cached source representation %s", path)
     with open_dict(cfg):
         cfg.backbone.weights = str(path)
