@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from datamodules.image_pool import DirectTransform, Pool, build_pool, check_pool
 from engine.ranks import gather_rows, output_dir_of, union_in_order
 from lightning_modules.decaf import RANDOM_PREFIX, DecafModule
 from models.backbones import TapBackbone
-from models.linear_classifiers import ClassifierSpec, FeatureDropout, fit_cross_validated, mean_class_accuracy
+from models.linear_classifiers import SOLVERS, ClassifierSpec, FeatureDropout, fit_cross_validated, mean_class_accuracy
 from models.weights import fold_grayscale_source, is_hub_spec
 from transferrable.atomic import atomic_write_json
 from transferrable.decaf_report import (
@@ -127,6 +127,7 @@ class Protocol:
     tsne: dict
     fit_threads: int | None
     plot: bool
+    solver: str = "sklearn"
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, model: DecafModule, check_main: bool = True) -> Protocol:
@@ -152,6 +153,8 @@ class Protocol:
         if cfg.cv_at not in ("largest", "each"):
             raise ConfigError(f"decaf.cv_at={cfg.cv_at!r}: expected 'largest' or 'each'")
         main = str(cfg.main)
+        if cfg.get("solver", "sklearn") not in SOLVERS:
+            raise ConfigError(f"decaf.solver={cfg.solver!r}: expected one of {list(SOLVERS)}")
         combos = [f"{f}/{s.name}" for f in features for s in specs]
         if check_main and main != "best_val" and main not in combos:
             raise ConfigError(f"decaf.main={main!r}: expected best_val or one of {combos}")
@@ -161,7 +164,7 @@ class Protocol:
             default_C=float(cfg.default_C), cv_at=str(cfg.cv_at),
             dropout=FeatureDropout(float(cfg.dropout_rate), int(cfg.dropout_copies)), max_iter=int(cfg.max_iter),
             pool=str(cfg.pool), max_images=cfg.max_images, main=main, tsne=tsne, fit_threads=cfg.fit_threads,
-            plot=bool(cfg.plot),
+            plot=bool(cfg.plot), solver=str(cfg.get("solver", "sklearn")),
         )
 
 
@@ -285,16 +288,24 @@ class FeatureExtractor:
 
 
 # -- the protocol -------------------------------------------------------------------------------
+@contextmanager
 def limit_threads(n: int | None):
     """BLAS/OpenMP threads for the classifier fits: small problems run several times faster on one thread
-    than on a contended pool (measured: 1.6 s vs 9.4 s for twelve 300-sample fits on 2 busy cores)."""
-    return threadpool_limits(limits=int(n)) if n else nullcontext()
+    than on a contended pool (measured: 1.6 s vs 9.4 s for twelve 300-sample fits on 2 busy cores); torch's own
+    intra-op pool (the torch solver; threadpoolctl does not reach it) is set alike, then restored."""
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=int(n)) if n else nullcontext():
+        torch.set_num_threads(int(n) if n else before)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def fit_eval(p: Protocol, spec: ClassifierSpec, X_train, y_train, X_test, y_test, seed: int, C: float | None = None):
     """(test mean per-class accuracy, chosen C, validation accuracy)."""
     clf, C, val = fit_cross_validated(spec, X_train, y_train, p.C_grid, p.val_fraction, p.default_C, p.dropout, seed,
-                                      p.max_iter, C=C)
+                                      p.max_iter, C=C, solver=p.solver)
     return mean_class_accuracy(y_test, clf.predict(X_test)), C, val
 
 
