@@ -79,6 +79,7 @@ def test_targets_from_the_issue(quick_run):
     assert ("training_loop", ">=", 0.95) in targets
     assert ("input_pipeline", ">=", 1.0) in targets
     assert ("decaf", ">=", 0.9) in targets
+    assert ("decaf_fits", ">=", 6.0) in targets  # torch fits vs scikit-learn: the 101-class table in <= 10 min
     assert ("voc_ap", ">=", 1.0) in targets  # every class's AP identical to the reference implementation
     assert ("memory", "<=", 1.1) in targets  # same peak at twice the cache
 

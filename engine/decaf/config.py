@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from engine.decaf.domain import SETTINGS
-from models.linear_classifiers import KINDS
+from models.linear_classifiers import KINDS, SOLVERS
 from transferrable.core.config_rules import (
                       COUNT,
                       DROPOUT,
@@ -39,6 +39,7 @@ RULES = [
     ("decaf.dropout_rate", DROPOUT),
     ("decaf.dropout_copies", COUNT),
     ("decaf.max_iter", COUNT),
+    ("decaf.solver", OneOf(*SOLVERS)),
     ("decaf.pool", OneOf("all", "given")),
     ("decaf.max_images", Int(1, nullable=True)),
     ("decaf.hog.*", COUNT),

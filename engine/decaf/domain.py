@@ -154,11 +154,11 @@ def fit_eval_domain(p: Protocol, spec: ClassifierSpec, data, X_test, y_test, see
     X_fit, y_fit, X_val, y_val, X_all, y_all, _ = data
     val = float("nan")
     if X_val is not None and len(p.C_grid) > 1:
-        C, scores = select_C(spec, X_fit, y_fit, X_val, y_val, p.C_grid, p.dropout, seed, p.max_iter)
+        C, scores = select_C(spec, X_fit, y_fit, X_val, y_val, p.C_grid, p.dropout, seed, p.max_iter, p.solver)
         val = scores[C]
     else:
         C = p.C_grid[0] if len(p.C_grid) == 1 else float(p.default_C)
-    clf = LinearClassifier(spec, C, p.dropout, seed, p.max_iter).fit(X_all, y_all)
+    clf = LinearClassifier(spec, C, p.dropout, seed, p.max_iter, p.solver).fit(X_all, y_all)
     return mean_class_accuracy(y_test, clf.predict(X_test)), float(C), val
 
 
