@@ -196,3 +196,24 @@ def test_source_checkpoints_round_trip(tmp_path):
         torch.testing.assert_close(again(x), net(x))
     with pytest.raises(WeightsError, match="holds a 'efficientnet_lite2' backbone, but backbone is 'efficientnet_lite0'"):
         EfficientNetLite("efficientnet_lite0", input_size=32, fc_dim=16, weights=str(path))
+
+
+def test_rcnn_on_lite0_starts_from_imagenet_without_a_source(tmp_path, monkeypatch):
+    """``task=rcnn backbone=efficientnet_lite0`` needs no override and no source pretraining: hub weights from the
+    package, the weights' own statistics, frozen pool5 features at a CPU size (conf/task_backbone)."""
+    from conftest import point_paths_at
+
+    from transferrable import source
+    from transferrable.runner import build_datamodule, build_model
+
+    cfg = point_paths_at(compose_train(["task=rcnn", "backbone=efficientnet_lite0", "logger=none"]), tmp_path)
+    assert cfg.backbone.weights == "hub" and cfg.backbone.freeze == "conv4" and list(cfg.rcnn.layers) == ["pool5", "fc7"]
+    monkeypatch.setattr(source, "pretrain_source", lambda *a, **k: pytest.fail("no source pretraining expected"))
+    source.resolve_source_weights(cfg)
+    dm = build_datamodule(cfg)
+    assert list(dm.mean) == [0.5] * 3 and list(dm.std) == [0.5] * 3
+    model = build_model(cfg, dm.num_classes)
+    assert not any(p.requires_grad for n in ("conv1", "conv4") for p in model.backbone.stages[n].parameters())
+    assert all(p.requires_grad for n in ("conv5", "fc6", "fc7") for p in model.backbone.stages[n].parameters())
+    torch.testing.assert_close(model.backbone.stages.conv1[0].weight,
+                               raw_state("efficientnet_lite0")["_conv_stem.weight"])
