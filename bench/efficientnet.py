@@ -68,8 +68,9 @@ def efficientnet(ctx: Context) -> list[Figure]:
         if channels_last:
             suite, bare = suite.to(memory_format=torch.channels_last), bare.to(memory_format=torch.channels_last)
         runs = {
-            "suite": lambda cl=channels_last, b=bf16: _rate(n, lambda x: suite.forward_taps(x, "pool5"), batches, cl, b),
-            "bare": lambda cl=channels_last, b=bf16: _rate(n, lambda x: _bare_pool5(bare, x), batches, cl, b),
+            "suite": lambda cl=channels_last, b=bf16, s=suite: _rate(n, lambda x: s.forward_taps(x, "pool5"), batches,
+                                                                      cl, b),
+            "bare": lambda cl=channels_last, b=bf16, m=bare: _rate(n, lambda x: _bare_pool5(m, x), batches, cl, b),
         }
         for run in runs.values():  # warm-up: oneDNN kernels
             run()
