@@ -10,7 +10,8 @@
   (channels_last); the ratio says which is faster on this CPU kind (AVX2-only CPUs emulate bf16).
 
 Shape: 224 px (the weights' native size; ``--param size=``), batch 32 (``--param batch=``) x 2 batches
-(``--param batches=``), pool5.
+(``--param batches=``), pool5. ``--param rows=suite,decaf,precision`` picks rows, ``--param bf16=0`` drops the
+bf16 suite row (bf16 is emulated, ~30x slower than fp32, on AVX2-only CPUs).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def efficientnet(ctx: Context) -> list[Figure]:
     bare = _bare_net()
     with torch.inference_mode():  # the same weights: the same features, else the comparison is void
         torch.testing.assert_close(suite.forward_taps(batches[0], "pool5")["pool5"], _bare_pool5(bare, batches[0]))
+    rows = set(ctx.param("rows", "suite,decaf,precision").split(","))
     figures = []
-    for label, channels_last, bf16 in (("fp32", False, False), ("channels_last+bf16", True, True)):
+    variants = (("fp32", False, False), ("channels_last+bf16", True, True))[: 2 if ctx.param("bf16", 1) else 1]
+    for label, channels_last, bf16 in variants if "suite" in rows else ():
         if channels_last:
             suite, bare = suite.to(memory_format=torch.channels_last), bare.to(memory_format=torch.channels_last)
         runs = {
@@ -81,8 +84,10 @@ def efficientnet(ctx: Context) -> list[Figure]:
         figures.append(Figure(f"Lite0 features via TapBackbone {shape}", path, "img/s", reference=ref,
                               reference_name="bare timm forward_features + global pool, inference_mode",
                               target=Target(">=", 0.9), note="same weights, batches, memory format, precision"))
-    figures.append(_decaf_path(ctx, size, batch, n, bare))
-    figures += _precision(ctx, size, batch, n, batches)
+    if "decaf" in rows:
+        figures.append(_decaf_path(ctx, size, batch, n, bare))
+    if "precision" in rows:
+        figures += _precision(ctx, size, batch, n, batches)
     return figures
 
 
