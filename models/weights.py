@@ -34,8 +34,9 @@ class WeightsError(UserError, RuntimeError):
 
 def hub_unavailable(arch: str, spec: str, why: str) -> WeightsError:
     return WeightsError(
-        f"backbone.weights={spec!r} for '{arch}': {why}. Offline, use backbone.weights=source:fashion_mnist "
-        f"(the suite's own pretrained representation), a checkpoint path, or null (random init)."
+        f"backbone.weights={spec!r} for '{arch}': {why}. Offline, use backbone=efficientnet_lite0 (ImageNet "
+        f"weights installed with the suite), backbone.weights=source:<dataset> (the suite's own pretrained "
+        f"representation, e.g. source:fashion_mnist), a checkpoint path, or null (random init)."
     )
 
 

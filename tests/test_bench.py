@@ -42,7 +42,7 @@ def test_quick_run_writes_json(quick_run):
 def test_every_benchmark_ran(quick_run):
     _, _, result = quick_run
     expected = {"training_loop", "cpu_efficiency", "input_pipeline", "startup", "decaf", "voc_ap", "caption_metrics",
-                "memory", "scaling"}
+                "memory", "scaling", "efficientnet"}
     assert expected <= set(registry.load_all())
     assert set(result["benchmarks"]) == set(registry.load_all())
     assert all(b["error"] is None for b in result["benchmarks"].values())
@@ -78,6 +78,7 @@ def test_targets_from_the_issue(quick_run):
     targets = {(f["benchmark"], f["target"]["op"], f["target"]["value"]) for f in result["figures"] if f["target"]}
     assert ("training_loop", ">=", 0.95) in targets
     assert ("input_pipeline", ">=", 1.0) in targets
+    assert ("efficientnet", ">=", 0.9) in targets  # issue 27: Lite0 features through the suite vs bare timm
     assert ("decaf", ">=", 0.9) in targets
     assert ("decaf_fits", ">=", 6.0) in targets  # torch fits vs scikit-learn: the 101-class table in <= 10 min
     assert ("voc_ap", ">=", 1.0) in targets  # every class's AP identical to the reference implementation

@@ -362,3 +362,27 @@ def test_source_statistics_follow_the_source_overrides(make_cfg):
     cfg, dm = _datamodule(make_cfg, "experiment=bigan_transfer", "hydra.mode=RUN",
                           "backbone.weights=source:fashion_mnist")
     assert list(dm.mean) == pytest.approx([0.5] * 3) and list(dm.std) == pytest.approx([0.5] * 3)
+
+
+def test_the_design_card_command_stops_offline_naming_the_alternatives(hf_cache, tmp_path, monkeypatch, capsys):
+    """``python train.py task=rcnn backbone=vgg16`` means R-CNN on the hub's ImageNet VGG16: offline, without cached
+    weights, train() stops before any source pretraining or scene generation, with one line (exit 2) naming the
+    offline alternatives."""
+    from conftest import point_paths_at
+
+    from transferrable import runner, source
+    from transferrable.core.errors import exit_on_user_error
+
+    cfg = point_paths_at(compose_train(["task=rcnn", "backbone=vgg16", "logger=none"]), tmp_path / "run")
+    assert cfg.backbone.weights == "hub" and cfg.backbone.model_name == "vgg16_bn"
+    pretrained = []
+    monkeypatch.setattr(source, "pretrain_source", lambda *a, **k: pretrained.append(a))
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(runner.train)(cfg)
+    assert time.perf_counter() - t0 < 30  # imports (lightning, timm) only: ~10 s on 2 loaded cores, not a pretraining
+    assert exit_info.value.code == 2 and not pretrained
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: backbone.weights='hub' for 'vgg16': HF_HUB_OFFLINE=1 is set") and "\n" not in err
+    assert "backbone=efficientnet_lite0" in err and "backbone.weights=source:<dataset>" in err
+    assert not (tmp_path / "run" / "cache").exists() or not any((tmp_path / "run" / "cache").rglob("*.npy"))

@@ -9,11 +9,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import transferrable.run.runner as runner
 from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
-from transferrable.core.errors import exit_on_user_error
 
+import transferrable.run.runner as runner
 from models.linear_classifiers import (
     ClassifierSpec,
     fit_cross_validated,
@@ -23,6 +22,7 @@ from models.linear_classifiers import (
     validation_subsplit,
 )
 from models.torch_linear import fit_path
+from transferrable.core.errors import exit_on_user_error
 
 GRID = [0.1, 1.0, 10.0, 100.0, 1000.0]
 # test accuracy, torch vs scikit-learn, per C: 2 points (one liblinear run vs another with another tol moves ~1)
