@@ -203,7 +203,7 @@ def test_rcnn_on_lite0_starts_from_imagenet_without_a_source(tmp_path, monkeypat
     package, the weights' own statistics, frozen pool5 features at a CPU size (conf/task_backbone)."""
     from conftest import point_paths_at
 
-    from transferrable import source
+    from transferrable.run import source
     from transferrable.run.runner import build_datamodule, build_model
 
     cfg = point_paths_at(compose_train(["task=rcnn", "backbone=efficientnet_lite0", "logger=none"]), tmp_path)

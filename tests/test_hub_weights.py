@@ -370,8 +370,8 @@ def test_the_design_card_command_stops_offline_naming_the_alternatives(hf_cache,
     offline alternatives."""
     from conftest import point_paths_at
 
-    from transferrable import runner, source
     from transferrable.core.errors import exit_on_user_error
+    from transferrable.run import runner, source
 
     cfg = point_paths_at(compose_train(["task=rcnn", "backbone=vgg16", "logger=none"]), tmp_path / "run")
     assert cfg.backbone.weights == "hub" and cfg.backbone.model_name == "vgg16_bn"

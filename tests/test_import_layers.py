@@ -167,6 +167,55 @@ def test_errors_is_a_leaf():
     assert import_graph()["transferrable.core.errors"] == set()
 
 
+def test_every_module_has_a_layer():
+    missing = sorted(m for m in import_graph() if layer(m) is None)
+    assert not missing, f"modules in no layer's folder (move them into one): {missing}"
+
+
+def test_layer_of_a_module_is_its_folders():
+    assert layer("transferrable.core.errors") == 0 and layer("transferrable.viz.tsne") == 1
+    assert layer("engine.rcnn.pipeline") == 4 and layer("transferrable.run.runner") == 5
+    assert layer("transferrable.stray") is None and layer("somewhere.else") is None
+
+
+def test_lower_folders_name_no_method():
+    """transferrable/core, metrics and viz serve every method: no module or top-level definition there is named after
+    one (a method's code lives in engine/<method>/)."""
+    methods = method_names()
+    assert {"rcnn", "decaf", "bigan", "lrcn"} <= methods
+    named = []
+    for mod, path in project_modules().items():
+        if not mod.startswith(LOWER_FOLDERS):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        defs += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)]
+        for name in [mod.rsplit(".", 1)[-1], *defs]:
+            if set(name.lower().strip("_").split("_")) & methods:
+                named.append(f"{mod}: {name}")
+    assert not named, "names of methods in the lower folders:\n  " + "\n  ".join(named)
+
+
+def test_callbacks_are_leaves():
+    """Callbacks are built from config (``_target_``); no module imports one, so a callback is never a library."""
+    graph = import_graph()
+    users = sorted(f"{a} -> {b}" for a in graph for b in graph[a]
+                   if b.startswith("callbacks") and not a.startswith("callbacks"))
+    assert not users, f"modules that import a callback: {users}"
+
+
+def test_each_method_has_one_home():
+    """Every task's pipeline target (conf/task/*.yaml) lives in its method's own engine/<method>/ package."""
+    import yaml
+
+    for path in sorted((ROOT / "conf" / "task").glob("*.yaml")):
+        target = (yaml.safe_load(path.read_text()).get("pipeline") or {}).get("_target_", "engine.single_fit.run")
+        parts = target.split(".")
+        assert parts[0] == "engine", (path.name, target)
+        if target != "engine.single_fit.run":
+            assert parts[1] in method_names() and (ROOT / "engine" / parts[1]).is_dir(), (path.name, target)
+
+
 def test_no_import_cycles():
     graph = import_graph()
     found = cycles(graph)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from transferrable import runner
+from transferrable.run import runner
 
 
 def _wandb_records(run_dir: Path, until: bytes = b"", wait_s: float = 30.0) -> bytes:

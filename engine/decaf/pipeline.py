@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from callbacks.tsne import draw_tsne, embed_panels, stratified_subsample
 from datamodules.image_pool import Pool, build_pool, check_pool, protocol_split, subset_pool
 from engine.decaf.protocol import (
     FeatureExtractor,
@@ -68,6 +67,7 @@ from transferrable.core.atomic import atomic_write_json
 from transferrable.core.distributed import output_dir_of, rank_aware
 from transferrable.core.precision import inference_bf16
 from transferrable.core.progress import trainer_bars
+from transferrable.viz.tsne import draw_tsne, embed_panels, stratified_subsample
 
 log = logging.getLogger(__name__)
 
