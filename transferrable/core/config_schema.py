@@ -34,7 +34,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transferrable.core.config_rules import (
     DATASET_RULES,
-    MIN_INPUT_SIZE,
     RULES,
     TAIL_RULES,
     WRITABLE_PATHS,
@@ -164,14 +163,10 @@ def problems(cfg: DictConfig) -> list[str]:
 
 
 def cross_checks(cfg: DictConfig) -> list[str]:
-    """Rules between keys: sizes the backbone's taps need, min <= max, and each method's own (registered)."""
+    """Rules between keys: min <= max, and the registered ones (each method's; the backbone's smallest input,
+    computed from the network by ``transferrable/run/backbone_limits.py``)."""
     out: list[str] = []
     sel = lambda key: OmegaConf.select(cfg, key, default=None, throw_on_missing=False)  # noqa: E731
-    target, size = sel("backbone._target_"), sel("backbone.input_size")
-    least = MIN_INPUT_SIZE.get(str(target), 1)
-    if is_int(size) and 1 <= size < least:
-        out.append(f"backbone.input_size={size}: expected an integer >= {least} for {str(target).rsplit('.', 1)[-1]} "
-                   f"(smaller inputs leave its conv5/pool5 taps without a pixel)")
     for prefix in _REGISTRY.dataset_nodes:
         lo, hi = sel(f"{prefix}.min_objects"), sel(f"{prefix}.max_objects")
         if is_int(lo) and is_int(hi) and lo > hi:
