@@ -90,6 +90,16 @@ def _smallest(key: str) -> int:
     return lo
 
 
+@functools.lru_cache(maxsize=4096)
+def _usable(key: str, size: int) -> bool:
+    return usable_size(_probe_net(key), size)
+
+
+def size_is_usable(cfg: Mapping[str, Any], size: int) -> bool:
+    """``usable_size`` of the backbone of config ``cfg`` (built once, answers cached)."""
+    return _usable(_spatial_key(cfg), int(size))
+
+
 def smallest_input_size(cfg: Mapping[str, Any]) -> int:
     """The smallest usable input size of the backbone of config ``cfg`` (see the module docstring)."""
     return _smallest(_spatial_key(cfg))

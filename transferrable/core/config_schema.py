@@ -66,6 +66,7 @@ def register_keys(rules: list[tuple[str, Rule]], cross_check: Callable[[Callable
         _REGISTRY.cross_checks.append(cross_check)
     _REGISTRY.dataset_nodes.extend(n for n in dataset_nodes if n not in _REGISTRY.dataset_nodes)
     _REGISTRY.override_prefixes.extend(p for p in override_prefixes if p not in _REGISTRY.override_prefixes)
+    _RULE_OF.clear()
 
 
 def rules() -> list[tuple[str, Rule]]:
@@ -75,8 +76,17 @@ def rules() -> list[tuple[str, Rule]]:
     return RULES + _REGISTRY.rules + TAIL_RULES + datasets
 
 
+_RULE_OF: dict[str, Rule | None] = {}  # rule_for's answers (every leaf of every validation asks; cleared on register)
+
+
 def rule_for(path: str) -> Rule | None:
     """The rule of a dotted config path (the first pattern of :func:`rules` that matches), or None."""
+    if path not in _RULE_OF:
+        _RULE_OF[path] = _match_rule(path)
+    return _RULE_OF[path]
+
+
+def _match_rule(path: str) -> Rule | None:
     for prefix in _REGISTRY.override_prefixes:  # another run's overrides: the rule of the key below the prefix
         if path.startswith(prefix):
             return rule_for(path[len(prefix):])
@@ -149,9 +159,31 @@ def show(value: Any) -> str:
     return str(value)
 
 
+def mappings_where_values_go(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, mapping)`` of every mapping given where a rule expects a value (``backbone.fc_dim={a:1}``): a node
+    whose own path has a rule while none of its keys has one (``dataset.max_images: {train: N}`` has its rule)."""
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if path == "hydra" or str(key).startswith("_"):
+            continue
+        node = cfg._get_node(key)
+        try:
+            value = cfg[key]
+        except Exception:  # noqa: BLE001 - unresolvable here
+            continue
+        if not isinstance(value, DictConfig) or node._is_interpolation():
+            continue
+        if len(value) and rule_for(path) is not None and not any(rule_for(f"{path}.{k}") for k in value.keys()):
+            yield path, OmegaConf.to_container(value, resolve=False)
+        else:
+            yield from mappings_where_values_go(value, path + ".")
+
+
 def problems(cfg: DictConfig) -> list[str]:
     """Every rule a value of ``cfg`` breaks, one message each (``<key>=<value>: expected ...``)."""
     found: dict[str, str] = {}
+    for path, mapping in mappings_where_values_go(cfg):
+        found[path] = f"{path}={mapping}: a mapping; expected {rule_for(path).describe()}"  # type: ignore[union-attr]
     for path, value, node in leaves(cfg):
         rule = rule_for(path)
         if rule is None or rule.accepts(value):

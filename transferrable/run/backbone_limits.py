@@ -44,24 +44,26 @@ def _backbone_config(sel) -> dict[str, Any] | None:
 
 
 def input_size_check(sel) -> list[str]:
-    from models.input_limits import probe_net, smallest_input_size, usable_size
+    from models.input_limits import probe_net, size_is_usable, smallest_input_size
 
     cfg = _backbone_config(sel)
     if cfg is None:
         return []
     name = str(cfg["_target_"]).rsplit(".", 1)[-1]
     try:
-        net = probe_net(cfg)
+        probe_net(cfg)
+        size_is_usable(cfg, int(cfg.get("input_size") or 1))
     except Exception as err:  # noqa: BLE001 - values each rule accepts but the constructor refuses together
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return [f"backbone={name}: cannot be built with these values ({first})"]
+        cause = err.__cause__ or err  # Hydra's InstantiationException wraps the constructor's error
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        return [f"backbone={name}: cannot be built with these values ({type(cause).__name__}: {first})"]
     sizes = [("backbone.input_size", cfg.get("input_size"))]
     data_size = sel("dataset.input_size")
     if not any(sel(node) is not None for node in RESIZED_BEFORE_BACKBONE) and data_size != cfg.get("input_size"):
         sizes.append(("dataset.input_size", data_size))
     out = []
     for key, size in sizes:
-        if isinstance(size, int) and not isinstance(size, bool) and size >= 1 and not usable_size(net, size):
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 1 and not size_is_usable(cfg, size):
             least = smallest_input_size(cfg)
             out.append(f"{key}={size}: expected an integer >= {least} for {name} (a smaller input leaves a "
                        "downsampling layer of its conv1..pool5 under 2x2 pixels)")
