@@ -302,7 +302,7 @@ def test_bad_input_policy(tmp_path, caplog):
 
 def test_missing_files_are_named(tmp_path):
     root = make_voc(tmp_path / "VOC", {"a": ann(("dog", (1, 1, 5, 5), 0))})
-    with pytest.raises(DatasetError, match="split file .*nosuch.txt not found"):
+    with pytest.raises(DatasetError, match="split file .*nosuch.txt does not exist"):
         VOCDetectionDataModule(root, test_split="nosuch").setup()
     (root / "JPEGImages/a.jpg").unlink()
     with pytest.raises(DatasetError, match=r"JPEGImages/a\.jpg"):
