@@ -283,7 +283,7 @@ def empty_after_filtering(ctx: Ctx) -> None:
 def worker_crash(ctx: Ctx) -> None:
     root = image_folder(ctx.tmp / "folder")
     bad = root / "test" / "b" / "zz.jpg"
-    bad.write_bytes(b"")
+    bad.write_bytes(b"\xff\xd8\xff\xe0 corrupt" + bytes(20) + b"\xff\xd9")  # whole-looking: passes the scan
     dm = folder_dm(root, num_workers=1)
     with pytest.raises(DatasetError) as err:
         for _ in dm.test_dataloader():

@@ -217,7 +217,7 @@ def test_every_key_at_its_boundaries_and_wrong_types():
         rule = schema.rule_for(key)
         current = OmegaConf.select(base, key)
         assert outcome({key: current}, base) is None, (key, current)  # the shipped value passes
-        tried = [v for v in boundaries(rule) if not rule.accepts(v)][:2] + choices(rule)[:1]
+        tried = [v for v in boundaries(rule) if not rule.accepts(v)][:1] + choices(rule)[:1]
         for value in [*tried, WRONG_TYPES[n % len(WRONG_TYPES)]]:
             if outcome({key: value}, base) is None:
                 accepted += 1
