@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from transferrable.core.errors import exit_on_user_error  # noqa: E402
+from transferrable.core.errors import exit_on_user_error, run_entry_point  # noqa: E402
 from transferrable.core.signals import exit_on_signals  # noqa: E402
 
 
@@ -52,4 +52,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)  # Hydra's own failures (run directory, unknown option): one line, exit 2

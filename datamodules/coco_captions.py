@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError, build_transform, read_image, to_rgb
+from datamodules.file_checks import image_fault, kind_fault
 from transferrable.core.archives import resolve_data_dir
 from transferrable.core.vocabulary import Vocabulary, tokenize
 
@@ -53,8 +54,9 @@ class CaptionedImage:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise DatasetError(f"{what}: no such file {path}")
+    why = kind_fault(path, "file")
+    if why:
+        raise DatasetError(f"{what}: {path} {why} (expected a COCO captions JSON file)")
     try:
         return json.loads(path.read_text())
     except ValueError as err:
@@ -66,16 +68,25 @@ def load_coco_captions(ann_file: Path, image_dir: Path) -> tuple[list[CaptionedI
     blob = _read_json(ann_file, "dataset.data_dir")
     if not isinstance(blob, dict) or "images" not in blob or "annotations" not in blob:
         raise DatasetError(f"{ann_file}: expected a COCO captions JSON with 'images' and 'annotations' lists")
-    images = {im["id"]: CaptionedImage(im["id"], str(image_dir / im["file_name"])) for im in blob["images"]}
-    empty = 0
+    images: dict = {}
+    for n, im in enumerate(blob["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise DatasetError(f"{ann_file}: images[{n}] has no 'id' or 'file_name' (expected both in every entry)")
+        if im["id"] in images:
+            raise DatasetError(f"{ann_file}: image id {im['id']!r} appears twice in 'images' (expected unique ids)")
+        images[im["id"]] = CaptionedImage(im["id"], str(image_dir / im["file_name"]))
+    empty = orphans = 0
     for ann in blob["annotations"]:
-        text = str(ann.get("caption") or "").strip()
-        if ann.get("image_id") not in images:
+        text = str(ann.get("caption") or "").strip() if isinstance(ann, dict) else ""
+        if not isinstance(ann, dict) or ann.get("image_id") not in images:
+            orphans += 1
             continue
         if not tokenize(text):
             empty += 1
             continue
         images[ann["image_id"]].captions.append(text)
+    if orphans:
+        log.warning("%s: %d caption(s) skipped: their image_id is not in 'images'", ann_file, orphans)
     return list(images.values()), empty
 
 
@@ -195,8 +206,9 @@ class COCOCaptionsDataModule(L.LightningDataModule):
         if self.karpathy_json is not None:
             image_dir = self.image_dir or self.karpathy_json.parent
             return load_karpathy(self.karpathy_json, image_dir)
-        if self.data_dir is None or not self.data_dir.is_dir():
-            raise DatasetError(f"dataset.data_dir={str(self.data_dir)!r}: no such directory (expected COCO with "
+        why = kind_fault(self.data_dir, "folder") if self.data_dir is not None else "is not set"
+        if why:
+            raise DatasetError(f"dataset.data_dir={str(self.data_dir)!r} {why} (expected COCO with "
                                "annotations/captions_{train,val}2014.json and train2014/, val2014/)")
         image_root = self.image_dir or self.data_dir
         train, e1 = load_coco_captions(self.data_dir / "annotations" / "captions_train2014.json", image_root / "train2014")
@@ -217,10 +229,12 @@ class COCOCaptionsDataModule(L.LightningDataModule):
             raise DatasetError(f"{self._where()}: no training image with a caption")
         if not self.splits["test"]:
             raise DatasetError(f"{self._where()}: no test image with a caption (val_images={self.val_images}?)")
-        missing = [im.path for s in SPLITS for im in self.splits[s][:1] if not Path(im.path).is_file()]
-        if missing:
-            raise DatasetError(f"{self._where()}: image file {missing[0]} is missing (expected the image folder "
-                               "next to the annotations, or dataset.image_dir)")
+        for s in SPLITS:  # every image's structure, at setup (a few bytes each), not when an epoch reaches it
+            for im in self.splits[s]:
+                why = image_fault(im.path)
+                if why:
+                    raise DatasetError(f"{self._where()}: image file {im.path} {why} (expected a whole JPEG/PNG image "
+                                       "in the image folder next to the annotations, or dataset.image_dir)")
         self.vocab = Vocabulary.build((c for im in self.splits["train"] for c in im.captions),
                                       self.vocab_min_count, self.max_caption_len)
         self.train_pairs, unk_only = self.encode_pairs("train")

@@ -33,6 +33,6 @@ class FashionMNISTDataModule(ImageClassificationDataModule):
         self.prepare_data()
         d = Path(self.data_dir)
         return {
-            "train": load_idx_split(d, "train", "Fashion-MNIST", HOW_TO_GET),
-            "test": load_idx_split(d, "t10k", "Fashion-MNIST", HOW_TO_GET),
+            "train": load_idx_split(d, "train", "Fashion-MNIST", HOW_TO_GET, len(CLASSES)),
+            "test": load_idx_split(d, "t10k", "Fashion-MNIST", HOW_TO_GET, len(CLASSES)),
         }

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DatasetError
+from datamodules.file_checks import kind_fault
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -42,18 +43,30 @@ def find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def load_idx_split(directory: Path, prefix: str, dataset: str, how_to_get: str) -> tuple[np.ndarray, np.ndarray]:
+def load_idx_split(directory: Path, prefix: str, dataset: str, how_to_get: str,
+                   num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``prefix`` is ``train`` or ``t10k``; returns (images N x 28 x 28 uint8, labels)."""
-    img = find_idx(directory, f"{prefix}-images-idx3-ubyte")
-    lab = find_idx(directory, f"{prefix}-labels-idx1-ubyte")
-    if img is None or lab is None:
-        raise DatasetError(
-            f"dataset.data_dir={directory}: no {dataset} IDX files there; expected "
-            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]. {how_to_get}"
-        )
+    why = kind_fault(directory, "folder")
+    if why:
+        raise DatasetError(f"dataset.data_dir={directory} {why}; expected a folder of {dataset} IDX files "
+                           f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]. {how_to_get}")
+    found = {}
+    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+        found[stem] = find_idx(directory, stem)
+        if found[stem] is None:
+            wrong = [directory / n for n in (stem, stem + ".gz") if (directory / n).exists()]
+            what = f"{wrong[0]} {kind_fault(wrong[0], 'file')}" if wrong else f"no {stem}[.gz] there"
+            raise DatasetError(f"dataset.data_dir={directory}: {what}; expected the {dataset} IDX files "
+                               f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]. {how_to_get}")
+    img, lab = found.values()
     images, labels = read_idx(img), read_idx(lab).astype(np.int64)
     if len(images) != len(labels):
         raise DatasetError(f"{img}: {len(images)} images but {lab.name} has {len(labels)} labels")
+    if len(labels) == 0:
+        raise DatasetError(f"{lab}: no samples (expected at least one image and label)")
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+        raise DatasetError(f"{lab}: label {bad} is outside the class list (expected 0..{num_classes - 1})")
     return images, labels
 
 

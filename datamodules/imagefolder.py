@@ -12,11 +12,11 @@ pgm/ppm/pbm/pnm, tif/tiff, webp; any case), named by its path
 below the split root, so nested trees such as SUN-397's ``a/abbey`` work too; a leading folder shared by
 every class (``images/`` of Office-31's ``amazon/images/<class>``) is dropped from the names. Classes are
 sorted by name unless ``classes`` lists (and so restricts and orders) them. Images stay file paths and
-are decoded lazily, so an unreadable file is named when it is first read.
+are decoded lazily; every file's structure is checked at the scan (``datamodules/file_checks.py``).
 
 Before training (at the scan), other files are skipped and reported: a warning per split with their count
-and the first few paths, and the reason (an extension OpenCV does not read; an image whose header OpenCV
-cannot decode, found while each folder is probed for its first readable image). A class folder that yields
+and the first few paths, and the reason (an extension OpenCV does not read; an empty, truncated or unknown
+image file, found by a check of a few bytes at each end of every file). A class folder that yields
 no readable image is an error naming it and its skipped files (``dataset.exclude_classes`` leaves it out).
 The counts are in ``summary``.
 """
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.base import DatasetError, ImageClassificationDataModule, stratified_split
+from datamodules.file_checks import image_fault, kind_fault
 from transferrable.core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,6 @@ LAYOUT = "<data_dir>/<class>/<image>.jpg (split by seed) or <data_dir>/{train,[v
 
 def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def readable_header(path: str) -> bool:
-    """OpenCV recognises the file's header (reads a few bytes, decodes nothing)."""
-    import cv2
-
-    try:
-        return bool(cv2.haveImageReader(path))
-    except cv2.error:
-        return False
 
 
 @dataclass
@@ -84,19 +75,16 @@ def scan_class_folders(root: Path) -> FolderScan:
         images = [os.path.join(dirpath, f) for f in files if is_image_file(f)]
         skipped = [(os.path.join(dirpath, f), f"extension {Path(f).suffix or '(none)'} is not an image format "
                     f"OpenCV reads") for f in files if not is_image_file(f)]
-        unreadable = []
-        for path in images:
-            if readable_header(path):
-                break
-            unreadable.append(path)
-        skipped += [(p, "OpenCV cannot read its header (empty or not an image)") for p in unreadable]
+        faults = {path: image_fault(path) for path in images}  # a few bytes at each end of every file
+        skipped += [(p, why) for p, why in faults.items() if why]
+        readable = [p for p in images if not faults[p]]
         if skipped:
             scan.skipped[name] = skipped
-        if len(unreadable) == len(images):  # nothing readable here (or no image files at all)
+        if not readable:  # nothing readable here (or no image files at all)
             if not dirnames:  # a leaf folder: a class that lost every file (a parent's README is no class)
                 scan.empty.append(name)
         else:
-            scan.images[name] = images  # unreadable ones stay: reading them names the file (documented)
+            scan.images[name] = readable
     return scan
 
 
@@ -194,8 +182,9 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             # asked for class names before setup (e.g. to size a head), generate first (cheap once generated)
             self.prepare_data()
         root = Path(self.data_dir) if self.data_dir is not None else None
-        if root is None or not root.is_dir():
-            raise DatasetError(f"dataset.data_dir={root} does not exist; expected {LAYOUT}")
+        why = kind_fault(root, "folder") if root is not None else "is not set"
+        if why:
+            raise DatasetError(f"dataset.data_dir={root} {why}; expected {LAYOUT}")
         split_dirs = self._split_dirs(root)
         self.layout = "flat" if split_dirs is None else "split"
         scans = {"all": scan_class_folders(root)} if split_dirs is None else {

@@ -90,8 +90,8 @@ class MNISTDataModule(ImageClassificationDataModule):
         d = Path(self.data_dir)
         if find_idx(d, "train-images-idx3-ubyte") is not None or not self.offline_fallback:
             splits = {
-                "train": load_idx_split(d, "train", "MNIST", HOW_TO_GET),
-                "test": load_idx_split(d, "t10k", "MNIST", HOW_TO_GET),
+                "train": load_idx_split(d, "train", "MNIST", HOW_TO_GET, 10),
+                "test": load_idx_split(d, "t10k", "MNIST", HOW_TO_GET, 10),
             }
             self.source = "idx"
             log.info("mnist: full MNIST from IDX files in %s", d)

@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError
+from datamodules.file_checks import kind_fault
 from transferrable.core.archives import resolve_data_dir
 from transferrable.core.artifact_cache import ABSENT, NO_MANIFEST, ArtifactCache, Unusable, digest
 from transferrable.core.progress import progress as progress_bar
@@ -63,8 +64,9 @@ FLOW_METHODS = ("farneback", "tvl1")
 # ---------------------------------------------------------------------------------------------------
 def read_class_index(path: Path) -> list[str]:
     """``classInd.txt`` -> class names in label order (labels 1..K, consecutive)."""
-    if not path.is_file():
-        raise DatasetError(f"missing class index {path} (expected lines '<1-based label> <ClassName>')")
+    why = kind_fault(path, "file")
+    if why:
+        raise DatasetError(f"class index {path} {why} (expected a file of lines '<1-based label> <ClassName>')")
     pairs = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
@@ -82,8 +84,9 @@ def read_class_index(path: Path) -> list[str]:
 def read_split_list(path: Path, classes: list[str]) -> list[tuple[str, int]]:
     """A train/test list -> [(relative video path, 0-based label)]; the label comes from the class folder and
     must agree with a training list's own label column."""
-    if not path.is_file():
-        raise DatasetError(f"missing split list {path} (expected '<Class>/<video>.avi [<label>]' lines)")
+    why = kind_fault(path, "file")
+    if why:
+        raise DatasetError(f"split list {path} {why} (expected a file of '<Class>/<video>.avi [<label>]' lines)")
     index = {c: i for i, c in enumerate(classes)}
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -126,8 +129,9 @@ def decode_video(path: str | Path, frame_size: Sequence[int] | None = None, max_
                 raise DatasetError(f"unreadable frame image {f}")
             frames.append(img)
     else:
-        if not path.is_file() or path.stat().st_size == 0:
-            raise DatasetError(f"unreadable video {path}: {'empty file' if path.is_file() else 'no such file'}")
+        why = kind_fault(path, "file") or ("empty file (0 bytes)" if path.stat().st_size == 0 else None)
+        if why:
+            raise DatasetError(f"unreadable video {path}: {why} (expected a video file OpenCV decodes)")
         cap = cv2.VideoCapture(str(path))
         try:
             if not cap.isOpened():
@@ -372,9 +376,10 @@ class UCF101DataModule(L.LightningDataModule):
         return len(self.class_names)
 
     def _read_classes(self) -> list[str]:
-        if self.data_dir is None or not self.data_dir.is_dir():
+        why = kind_fault(self.data_dir, "folder") if self.data_dir is not None else "is not set"
+        if why:
             raise DatasetError(
-                f"dataset.data_dir={str(self.data_dir)!r}: no UCF101 directory (expected {VIDEO_DIR}/ and {LISTS_DIR}/)"
+                f"dataset.data_dir={str(self.data_dir)!r} {why}: no UCF101 directory (expected {VIDEO_DIR}/ and {LISTS_DIR}/)"
             )
         every = read_class_index(self.lists_dir / "classInd.txt")
         if self.class_subset is not None:

@@ -46,6 +46,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DatasetError, read_image
+from datamodules.file_checks import image_fault, kind_fault
 from transferrable.core.archives import resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,11 @@ def find_voc_root(data_dir: str | Path, marker: str = "Annotations", layout: str
     root = Path(os.path.expanduser(str(data_dir)))
     if (root / marker).is_dir():
         return root
-    if not root.is_dir():
-        raise DatasetError(f"dataset.data_dir={root} does not exist; {hint}")
+    why = kind_fault(root, "folder")
+    if why:
+        raise DatasetError(f"dataset.data_dir={root} {why}; {hint}")
+    if (root / marker).exists():
+        raise DatasetError(f"dataset.data_dir={root}: {root / marker} {kind_fault(root / marker, 'folder')}; {hint}")
     years = sorted(p for p in root.glob("VOC*") if (p / marker).is_dir())
     if len(years) == 1:
         return years[0]
@@ -95,18 +99,38 @@ def find_voc_root(data_dir: str | Path, marker: str = "Annotations", layout: str
     raise DatasetError(f"dataset.data_dir={root}: no {marker}/ there; {hint}")
 
 
-def read_split_ids(root: Path, split: str, kind: str = "Main") -> list[str]:
+def check_disjoint(ids: dict[str, list[str]], split_names: dict, root: Path, kind: str = "Main") -> int:
+    """Images in both the training and the test split (tested on what was trained on): a warning, and their count."""
+    both = sorted(set(ids.get("train", [])) & set(ids.get("test", [])))
+    if both:
+        log.warning("%s: %d image id(s) in both %s.txt and %s.txt (first: %s); test results will be optimistic",
+                    root / "ImageSets" / kind, len(both), split_names["train"], split_names["test"], both[0])
+    return len(both)
+
+
+def read_split_ids(root: Path, split: str, kind: str = "Main", counts: Counter | None = None) -> list[str]:
+    """The ids a split file lists, in order; an id listed twice is kept once, with a warning (``duplicate_ids``)."""
     path = root / "ImageSets" / kind / f"{split}.txt"
-    if not path.is_file():
+    why = kind_fault(path, "file")
+    if why:
         have = sorted(p.stem for p in (root / "ImageSets" / kind).glob("*.txt") if "_" not in p.stem)
-        raise DatasetError(f"split file {path} not found (splits there: {', '.join(have) or 'none'})")
-    seen, ids = set(), []
-    for line in path.read_text().splitlines():
+        raise DatasetError(f"split file {path} {why} (expected a text file of image ids; splits there: "
+                           f"{', '.join(have) or 'none'})")
+    seen, ids, repeated = set(), [], []
+    for line in path.read_text(errors="replace").splitlines():
         if line.strip():
             i = line.split()[0]
-            if i not in seen:
+            if i in seen:
+                repeated.append(i)
+            else:
                 seen.add(i)
                 ids.append(i)
+    if not ids:
+        raise DatasetError(f"split file {path} lists no image ids (expected one id per line)")
+    if repeated:
+        log.warning("%s: %d duplicate id(s) kept once (first: %s)", path, len(repeated), repeated[0])
+        if counts is not None:
+            counts["duplicate_ids"] += len(repeated)
     return ids
 
 
@@ -304,7 +328,8 @@ class VOCDirectoryDataModule(L.LightningDataModule):
         try:
             listing = set(os.listdir(root / "JPEGImages"))
         except OSError:
-            raise DatasetError(f"{root / 'JPEGImages'} not found; expected {self.layout}") from None
+            why = kind_fault(root / "JPEGImages", "folder") or "is not readable"
+            raise DatasetError(f"{root / 'JPEGImages'} {why}; expected {self.layout}") from None
         return root, listing
 
     def subsample(self, ids: list[str]) -> list[str]:
@@ -370,17 +395,22 @@ class VOCDetectionDataModule(VOCDirectoryDataModule):
             if split is None:
                 continue
             recs = []
-            for image_id in self.subsample(read_split_ids(root, split)):
+            for image_id in self.subsample(read_split_ids(root, split, counts=counts)):
                 if image_id not in parsed:
                     img_path = self._image_path(root, image_id, listing)
                     xml = root / "Annotations" / f"{image_id}.xml"
-                    if not xml.is_file():
-                        raise DatasetError(f"annotation {xml} not found (image {image_id} is in split '{split}')")
+                    why = kind_fault(xml, "file") or image_fault(img_path)  # a scan, not the first epoch, finds it
+                    if why:
+                        bad = xml if kind_fault(xml, "file") else img_path
+                        raise DatasetError(f"{bad} {why} (image {image_id} is in split '{split}'; expected a whole "
+                                           f"{'VOC XML annotation' if bad == xml else 'JPEG/PNG image'})")
                     w, h, boxes, labels, difficult = parse_voc_xml(
                         xml, class_index, counts, self.strict_classes, image_path=img_path)
                     parsed[image_id] = VOCRecord(image_id, str(img_path), w, h, boxes, labels, difficult)
                 recs.append(parsed[image_id])
             split_records[key] = recs
+        counts["ids_in_train_and_test"] = check_disjoint({k: [r.image_id for r in v] for k, v in split_records.items()},
+                                                         self.split_names, root)
         self.datasets = {k: VOCDetectionDataset(v) for k, v in split_records.items()}
         recs = list(parsed.values())
         self.summary = {
@@ -393,13 +423,15 @@ class VOCDetectionDataModule(VOCDirectoryDataModule):
             "images_without_objects": int(sum(len(r.labels) == 0 for r in recs)),
             "clipped_boxes": int(counts["clipped_boxes"]),
             "zero_area_boxes": int(counts["zero_area_boxes"]),
+            "duplicate_ids": int(counts["duplicate_ids"]),
+            "ids_in_train_and_test": int(counts["ids_in_train_and_test"]),
             "unknown_class_objects": int(counts["unknown_class_objects"]),
             "unknown_classes": {k.split(":", 1)[1]: int(v) for k, v in sorted(counts.items()) if k.startswith("unknown:")},
         }
         s = self.summary
         log.info("%s: %s; %d images, %d objects (%d difficult)", self.name,
                  ", ".join(f"{k} {v}" for k, v in s["splits"].items()), s["images"], s["objects"], s["difficult"])
-        issues = {k: s[k] for k in ("clipped_boxes", "zero_area_boxes", "unknown_class_objects",
+        issues = {k: s[k] for k in ("clipped_boxes", "zero_area_boxes", "unknown_class_objects", "duplicate_ids",
                                     "images_without_objects") if s[k]}
         if issues:
             extra = f" (classes not in the list: {s['unknown_classes']})" if s["unknown_classes"] else ""

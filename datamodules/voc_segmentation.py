@@ -40,10 +40,12 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from datamodules.base import DatasetError, read_image
+from datamodules.file_checks import image_fault
 from datamodules.scenes import GeneratedScenes
 from datamodules.voc import (
     IMAGE_EXTENSIONS,
     VOCDirectoryDataModule,
+    check_disjoint,
     find_voc_root,
     read_palette_png,
     read_split_ids,
@@ -165,8 +167,10 @@ class VOCSegmentationDataModule(VOCDirectoryDataModule):
         if img is None:
             raise DatasetError(f"image {root / 'JPEGImages' / (image_id + '.jpg')} listed in ImageSets/Segmentation but missing")
         mask = root / "SegmentationClass" / f"{image_id}.png"
-        if not mask.is_file():
-            raise DatasetError(f"segmentation mask {mask} not found (image {image_id} is in ImageSets/Segmentation)")
+        for path, what in ((img, "JPEG/PNG image"), (mask, "palette PNG mask")):
+            why = image_fault(path)  # a scan, not the first epoch, finds it
+            if why:
+                raise DatasetError(f"{path} {why} (image {image_id} is in ImageSets/Segmentation; expected a whole {what})")
         inst = root / "SegmentationObject" / f"{image_id}.png"
         return SegmentationRecord(image_id, img, mask, inst if inst.is_file() else None, "voc")
 
@@ -192,6 +196,7 @@ class VOCSegmentationDataModule(VOCDirectoryDataModule):
         root, listing = self.open_root()
         split_ids = {k: self.subsample(read_split_ids(root, s, kind="Segmentation"))
                      for k, s in self.split_names.items() if s}
+        check_disjoint(split_ids, self.split_names, root, "Segmentation")
         records = {key: [self._voc_record(root, i, listing) for i in ids] for key, ids in split_ids.items()}
         n_sbd = 0
         if self.sbd_dir is not None and "train" in records:

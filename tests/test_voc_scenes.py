@@ -206,7 +206,7 @@ def test_manifest_reuse_and_regeneration(tmp_path, items_dir):
 
 
 def test_missing_items_is_one_line_error(tmp_path):
-    with pytest.raises(DatasetError, match="no Fashion-MNIST IDX files") as err:
+    with pytest.raises(DatasetError, match="does not exist; expected a folder of Fashion-MNIST IDX files") as err:
         generate_scenes(tmp_path / "out", data_dir=tmp_path / "nothing", **SMALL)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out" / "VOCScenes").exists()
@@ -302,7 +302,7 @@ def test_bad_input_policy(tmp_path, caplog):
 
 def test_missing_files_are_named(tmp_path):
     root = make_voc(tmp_path / "VOC", {"a": ann(("dog", (1, 1, 5, 5), 0))})
-    with pytest.raises(DatasetError, match="split file .*nosuch.txt not found"):
+    with pytest.raises(DatasetError, match="split file .*nosuch.txt does not exist"):
         VOCDetectionDataModule(root, test_split="nosuch").setup()
     (root / "JPEGImages/a.jpg").unlink()
     with pytest.raises(DatasetError, match=r"JPEGImages/a\.jpg"):

@@ -16,15 +16,6 @@ from typing import Any
 TAP_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
 
 
-# The smallest backbone.input_size for which every tap of a backbone has at least one pixel (measured with
-# tap_shapes): AlexNet's 11x11 stride-4 conv1 and unpadded max-pools need 63 px, VGG's five 2x2 pools 32 px;
-# caffenet_mini, bigan_alexnet and the ResNets pad every layer and work from 1 px.
-MIN_INPUT_SIZE: dict[str, int] = {
-    "models.backbones.TorchvisionAlexNet": 63,
-    "models.backbones.TimmVGG16": 32,
-}
-
-
 # The suite-wide choice lists (declared here, the lowest layer that checks them; a method's own lists live in its
 # code and its rules in engine/<method>/config.py import them).
 AUGMENTS = ("none", "flip", "flip_crop", "resized_crop")
@@ -262,7 +253,7 @@ DATASET_RULES: dict[str, Rule] = {
 RULES: list[tuple[str, Rule]] = [
     ("seed", SEED),
     # backbone
-    ("backbone.input_size", COUNT),  # and at least MIN_INPUT_SIZE[backbone._target_] (check_input_size)
+    ("backbone.input_size", COUNT),  # and at least what the network needs (transferrable/run/backbone_limits.py)
     ("backbone.freeze", FREEZE),
     ("backbone.pool5_size", COUNT),
     ("backbone.fc_dim", COUNT),

@@ -34,7 +34,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transferrable.core.config_rules import (
     DATASET_RULES,
-    MIN_INPUT_SIZE,
     RULES,
     TAIL_RULES,
     WRITABLE_PATHS,
@@ -67,6 +66,7 @@ def register_keys(rules: list[tuple[str, Rule]], cross_check: Callable[[Callable
         _REGISTRY.cross_checks.append(cross_check)
     _REGISTRY.dataset_nodes.extend(n for n in dataset_nodes if n not in _REGISTRY.dataset_nodes)
     _REGISTRY.override_prefixes.extend(p for p in override_prefixes if p not in _REGISTRY.override_prefixes)
+    _RULE_OF.clear()
 
 
 def rules() -> list[tuple[str, Rule]]:
@@ -76,8 +76,17 @@ def rules() -> list[tuple[str, Rule]]:
     return RULES + _REGISTRY.rules + TAIL_RULES + datasets
 
 
+_RULE_OF: dict[str, Rule | None] = {}  # rule_for's answers (every leaf of every validation asks; cleared on register)
+
+
 def rule_for(path: str) -> Rule | None:
     """The rule of a dotted config path (the first pattern of :func:`rules` that matches), or None."""
+    if path not in _RULE_OF:
+        _RULE_OF[path] = _match_rule(path)
+    return _RULE_OF[path]
+
+
+def _match_rule(path: str) -> Rule | None:
     for prefix in _REGISTRY.override_prefixes:  # another run's overrides: the rule of the key below the prefix
         if path.startswith(prefix):
             return rule_for(path[len(prefix):])
@@ -150,9 +159,31 @@ def show(value: Any) -> str:
     return str(value)
 
 
+def mappings_where_values_go(cfg: DictConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, mapping)`` of every mapping given where a rule expects a value (``backbone.fc_dim={a:1}``): a node
+    whose own path has a rule while none of its keys has one (``dataset.max_images: {train: N}`` has its rule)."""
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if path == "hydra" or str(key).startswith("_"):
+            continue
+        node = cfg._get_node(key)
+        try:
+            value = cfg[key]
+        except Exception:  # noqa: BLE001 - unresolvable here
+            continue
+        if not isinstance(value, DictConfig) or node._is_interpolation():
+            continue
+        if len(value) and rule_for(path) is not None and not any(rule_for(f"{path}.{k}") for k in value.keys()):
+            yield path, OmegaConf.to_container(value, resolve=False)
+        else:
+            yield from mappings_where_values_go(value, path + ".")
+
+
 def problems(cfg: DictConfig) -> list[str]:
     """Every rule a value of ``cfg`` breaks, one message each (``<key>=<value>: expected ...``)."""
     found: dict[str, str] = {}
+    for path, mapping in mappings_where_values_go(cfg):
+        found[path] = f"{path}={mapping}: a mapping; expected {rule_for(path).describe()}"  # type: ignore[union-attr]
     for path, value, node in leaves(cfg):
         rule = rule_for(path)
         if rule is None or rule.accepts(value):
@@ -164,14 +195,10 @@ def problems(cfg: DictConfig) -> list[str]:
 
 
 def cross_checks(cfg: DictConfig) -> list[str]:
-    """Rules between keys: sizes the backbone's taps need, min <= max, and each method's own (registered)."""
+    """Rules between keys: min <= max, and the registered ones (each method's; the backbone's smallest input,
+    computed from the network by ``transferrable/run/backbone_limits.py``)."""
     out: list[str] = []
     sel = lambda key: OmegaConf.select(cfg, key, default=None, throw_on_missing=False)  # noqa: E731
-    target, size = sel("backbone._target_"), sel("backbone.input_size")
-    least = MIN_INPUT_SIZE.get(str(target), 1)
-    if is_int(size) and 1 <= size < least:
-        out.append(f"backbone.input_size={size}: expected an integer >= {least} for {str(target).rsplit('.', 1)[-1]} "
-                   f"(smaller inputs leave its conv5/pool5 taps without a pixel)")
     for prefix in _REGISTRY.dataset_nodes:
         lo, hi = sel(f"{prefix}.min_objects"), sel(f"{prefix}.max_objects")
         if is_int(lo) and is_int(hi) and lo > hi:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 import sys
 
 log = logging.getLogger(__name__)
@@ -74,16 +76,69 @@ def one_line(err: BaseException) -> str:
     return msg
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def framework_error_line(err: BaseException) -> str | None:
+    """One line for Hydra's and Lightning's own failures that a config value causes: an object ``instantiate`` could
+    not build (e.g. a torchmetrics ``ValueError``), and Lightning's ``MisconfigurationException``; None for others."""
+    from hydra.errors import InstantiationException
+
+    if isinstance(err, InstantiationException):
+        text = str(err)
+        key = re.search(r"full_key: (\S+)", text)
+        target = re.search(r"target '([^']+)'", text)
+        where = key.group(1) if key else (target.group(1) if target else "a config node")
+        cause = err.__cause__ or err
+        return f"{where}: could not be built ({_first_line(cause)})"
+    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")  # imported only if Lightning ran
+    if lightning_errors is not None and isinstance(err, lightning_errors.MisconfigurationException):
+        return f"trainer: {_first_line(err).split(': ', 1)[1]}"
+    return None
+
+
 def exit_on_user_error(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
+            exc._raised_in_task = True  # type: ignore[attr-defined]  # run_entry_point leaves it as it is
             err = find_user_error(exc)
-            if err is None or "TRANSFERRABLE_TRACEBACK" in __import__("os").environ:
+            line = one_line(err) if err is not None else framework_error_line(exc)
+            if line is None or "TRANSFERRABLE_TRACEBACK" in os.environ:
                 raise
-            print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+            print(f"error: {line}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper
+
+
+def run_entry_point(main) -> None:
+    """Run a ``@hydra.main`` function so that Hydra's own failures before the task (a run directory it cannot
+    create, an unknown config option, a bad override) end in one ``error:`` line and exit 2, as ours do. Hydra
+    prints those as a stripped traceback with exit 1 unless ``HYDRA_FULL_ERROR=1`` lets them through to here."""
+    from hydra.errors import HydraException
+
+    if "HYDRA_FULL_ERROR" in os.environ or "TRANSFERRABLE_TRACEBACK" in os.environ:
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as exc:
+        if getattr(exc, "_raised_in_task", False):
+            raise  # the task's own error, already past exit_on_user_error: a bug, shown in full
+        if isinstance(exc, HydraException):  # (MissingConfigException is an OSError too)
+            text = str(exc).split("Config search path:")[0]  # Hydra's search path: not the user's concern
+            parts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            line = "; ".join(parts).replace(":; ", ": ") or type(exc).__name__
+        elif isinstance(exc, OSError):
+            where = exc.filename or "the run directory"
+            line = f"cannot create {where} (hydra.run.dir / hydra.sweep.dir): {exc.strerror or _first_line(exc)}"
+        else:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(2)

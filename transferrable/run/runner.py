@@ -20,7 +20,10 @@ from transferrable.core.distributed import is_rank_aware
 from transferrable.core.errors import ConfigError
 from transferrable.core.precision import resolve_precision
 from transferrable.core.wandb_logger import log_lineage
-from transferrable.run import source  # source.resolve_source_weights is looked up per call (tests replace it)
+from transferrable.run import (
+    backbone_limits,  # noqa: F401  (registers the backbone input-size check)
+    source,  # source.resolve_source_weights is looked up per call (tests replace it)
+)
 from transferrable.run.compat import check_task_dataset
 from transferrable.run.methods import METHODS  # noqa: F401  (registers every method's config keys)
 from transferrable.run.nested_run import install_train, overrides_node
