@@ -50,17 +50,14 @@ data:
 train: setup
 	$(PY) train.py $(ARGS)
 
-# Tests whose path depends on the CPU kind (precision policy, recurrent layers, bf16 benches). On a CPU with native
-# bf16 they run a second time as on an AVX2-only one: oneDNN and ATen capped at AVX2, so the policy picks fp32.
-CPU_KIND_TESTS := tests/test_precision.py tests/test_lrcn_activity.py tests/test_lrcn_caption.py \
-	tests/test_lrcn_video_description.py tests/test_determinism.py tests/test_bench.py
+# The suite runs on every core with pytest-xdist (TEST_WORKERS=auto: one worker per core, at most 8;
+# TEST_WORKERS=0: one process). Tests that share a module-scoped run or a file-level resource are kept on one
+# worker by an xdist_group mark. On a CPU with native bf16 the CPU-kind test files also run again as on an
+# AVX2-only one (oneDNN and ATen capped at AVX2), as items of the same run: tests/test_cpu_kind_avx2.py.
+TEST_WORKERS ?= auto
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
-	@if [ -z "$(ARGS)" ] && $(PY) -c "from transferrable.core.precision import cpu_bf16; raise SystemExit(not cpu_bf16().hardware)"; then \
-		echo "== again as on an AVX2-only CPU (ONEDNN_MAX_CPU_ISA=AVX2): $(CPU_KIND_TESTS)"; \
-		ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -p no:cacheprovider $(CPU_KIND_TESTS); \
-	fi
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 8 --dist loadgroup --durations=20 $(ARGS)
 
 bench: setup
 	$(PY) -m bench $(ARGS)

@@ -21,6 +21,22 @@ os.environ["PROJECT_ROOT"] = str(ROOT)
 os.environ.pop("TRANSFERRABLE_CACHE", None)  # tests must never touch the real source-representation cache
 # Set before torch loads OpenMP: on a busy 2-core machine, spinning OpenMP threads make every op ~50x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _test_threads() -> int:
+    """Torch threads per test process: TRANSFERRABLE_TEST_THREADS if set; under pytest-xdist the cores shared
+    among the workers, at most 2 (2 workers on 2 cores: 1 each, not 4 threads on 2 cores); else 2."""
+    if "TRANSFERRABLE_TEST_THREADS" in os.environ:
+        return int(os.environ["TRANSFERRABLE_TEST_THREADS"])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return max(1, min(2, len(os.sched_getaffinity(0)) // workers)) if workers else 2
+
+
+TEST_THREADS = _test_threads()
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # the same share for the subprocesses a test starts (train.py, DDP ranks, the AVX2-capped reruns)
+    os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+    os.environ.setdefault("TRANSFERRABLE_TEST_THREADS", str(TEST_THREADS))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -32,7 +48,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-torch.set_num_threads(int(os.environ.get("TRANSFERRABLE_TEST_THREADS", "2")))
+torch.set_num_threads(TEST_THREADS)
 
 NUM_CLASSES = 10
 
@@ -144,3 +160,17 @@ def cfg_train(make_cfg) -> DictConfig:
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+# -- pytest-xdist -------------------------------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    """Tests sharing a module- or session-scoped fixture of a test file (a trained run, generated data) go to
+    one xdist worker together: the fixture is built once, not once per worker given one of them."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = [d[-1] for d in info.name2fixturedefs.values()] if info else []
+        shared = sorted({d.func.__module__ for d in defs
+                         if d.scope in ("module", "session") and d.func.__module__.startswith("test_")})
+        if shared and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
