@@ -314,7 +314,8 @@ def test_alexnet_without_a_cached_file_still_fails_fast_offline(tmp_path, monkey
     t0 = time.perf_counter()
     with pytest.raises(WeightsError, match=r"no internet \(download.pytorch.org unreachable\)") as err:
         build_backbone("backbone=alexnet", "backbone.weights=hub")
-    assert time.perf_counter() - t0 < 1.0 and "\n" not in str(err.value)
+    # no retries: a download attempt costs ~46 s offline; the bound leaves room for a loaded machine (xdist workers)
+    assert time.perf_counter() - t0 < 10.0 and "\n" not in str(err.value)
     assert not (tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth").exists()
 
 
