@@ -344,9 +344,12 @@ def test_cli_reports_a_weights_error_as_one_line(offline, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: backbone.weights='hub' for 'resnet18'") and "\n" not in err
 
-    # anything else still propagates unchanged
-    with pytest.raises(InstantiationException):
+    # any other failure to build a config object is one line too (issue 29: Hydra's own errors at the entry points)
+    with pytest.raises(SystemExit) as exit_info:
         exit_on_user_error(lambda: instantiate({"_target_": "models.backbones.CaffeNetMini", "widths": [1]}))()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "could not be built" in err and "\n" not in err
 
 
 def test_alexnet_from_scratch_uses_he_init_so_signal_reaches_fc7():

@@ -16,7 +16,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from transferrable import precision as policy
+from transferrable.core import precision as policy
 
 CPU_KIND_TESTS = ["tests/test_precision.py", "tests/test_lrcn_activity.py", "tests/test_lrcn_caption.py",
                   "tests/test_lrcn_video_description.py", "tests/test_determinism.py", "tests/test_bench.py"]
