@@ -163,10 +163,10 @@ def _clear_hydra():
 
 
 # -- pytest-xdist -------------------------------------------------------------------------------
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (--dist loadgroup)
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Tests sharing a module- or session-scoped fixture of a test file (a trained run, generated data) go to
-    one xdist worker together: the fixture is built once, not once per worker given one of them."""
+    one xdist worker together (``--dist loadgroup``): the fixture is built once, not once per worker."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         defs = [d[-1] for d in info.name2fixturedefs.values()] if info else []
@@ -174,3 +174,19 @@ def pytest_collection_modifyitems(config, items):
                          if d.scope in ("module", "session") and d.func.__module__.startswith("test_")})
         if shared and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(shared[0]))
+    yield  # xdist's own hook appends "@<group>" to the node ids it schedules by
+    if getattr(config.option, "loadgroup", False):
+        _group_suffix_fallback(items)
+
+
+def _group_suffix_fallback(items) -> None:
+    """pytest 9.2 keeps a node's id in ``_id``; pytest-xdist 3.8 still writes ``_nodeid``, so its "@<group>"
+    suffix is lost and each group is split as by ``--dist load``. Add the suffix where it is missing (the same
+    name and test as xdist's: the text after the last "@", when that comes after the last "]")."""
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and item.nodeid.rfind("@") <= item.nodeid.rfind("]"):
+            from _pytest.nodeid import coerce_node_id  # only where the suffix was lost: pytest >= 9.2
+
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")

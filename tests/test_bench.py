@@ -20,7 +20,11 @@ from bench.report import COLUMNS, table
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = main(["--quick", "--repeats", "2", "--out", str(out)])
+    # the entries that start train.py (ddp_rcnn: generated scenes) write their caches here, not in <repo>/.cache,
+    # which parallel test workers would share
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSFERRABLE_CACHE", str(tmp_path_factory.mktemp("bench_cache")))
+        rc = main(["--quick", "--repeats", "2", "--out", str(out)])
     return rc, out, json.loads((out / "latest.json").read_text())
 
 
