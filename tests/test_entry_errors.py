@@ -9,11 +9,11 @@ import contextlib
 import io
 import os
 import subprocess
-import sys
 
 import pytest
 from conftest import ROOT, tiny_overrides
 from hydra.utils import instantiate
+from zygote import run_script
 
 from transferrable.core.errors import exit_on_user_error
 
@@ -52,8 +52,7 @@ def test_a_bug_still_shows_its_traceback():
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          env=env, cwd=cwd or ROOT, timeout=300)
+    return run_script([str(ROOT / "train.py"), *args], env=env, cwd=cwd or ROOT, timeout=300)
 
 
 @pytest.mark.parametrize("where", ["/proc/transferrable-x", "file"])

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import yaml
 from conftest import ROOT, compose_train, point_paths_at, tiny_overrides
 from omegaconf import open_dict
+from zygote import run_script
 
 import transferrable.run.runner as runner
 import transferrable.run.source as source
@@ -294,7 +294,7 @@ def test_report_without_runs(tmp_path):
 def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRANSFERRABLE_CACHE": "/nonexistent-cache-should-not-be-used"}
     env.pop("TRANSFERRABLE_TRACEBACK", None)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script(list(args), cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.mark.slow
