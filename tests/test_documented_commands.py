@@ -17,6 +17,7 @@ A task config that sets keys of one dataset for every dataset (``task=rcnn datas
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import CONF_DIR, ROOT, compose_train, point_paths_at, tiny_overrides
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
@@ -329,6 +331,8 @@ def _datamodules(cfg):
 @pytest.mark.parametrize("cmd", TRAIN, ids=[c.text for c in TRAIN])
 def test_train_command_composes_and_sets_up(cmd, data_root, fmnist_dir, tmp_path):
     cfg = compose_command(cmd, data_root, fmnist_dir, tmp_path)
+    if not any(a.startswith("experiment=") or a in ("-m", "--multirun") for a in cmd.args):  # FITS' cheap reading
+        assert task_and_dataset(cmd.args) == (cfg.task_name, cfg.hydra.runtime.choices.dataset), cmd.where
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     OmegaConf.to_container(plain, resolve=True, throw_on_missing=True)  # every interpolation resolves
     check_task_dataset(cfg)
@@ -383,19 +387,57 @@ FIT_COMMON = [o for o in tiny_overrides("unused") if not o.startswith("dataset."
     "++trainer.limit_test_batches=1"]
 
 
+@functools.cache
+def _yaml(config: Path) -> dict:
+    return yaml.safe_load(config.read_text()) or {}
+
+
+def _group_default(config: Path, group: str) -> str | None:
+    """The option a config's defaults list picks for ``group`` (``- group: x`` or ``- override /group: x``), also
+    through a config of its own group that it extends (``- decaf`` in conf/task/decaf_domain.yaml)."""
+    for entry in _yaml(config).get("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if key.removeprefix("override ").strip("/ ") == group:
+                    return str(value)
+        elif entry != "_self_" and (config.parent / f"{entry}.yaml").is_file():
+            if found := _group_default(config.parent / f"{entry}.yaml", group):
+                return found
+    return None
+
+
+def _own_or_extended(config: Path, key: str):
+    """A top-level key of a config, or of the config of its own group that it extends."""
+    if key in _yaml(config):
+        return _yaml(config)[key]
+    for entry in _yaml(config).get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_" and (config.parent / f"{entry}.yaml").is_file():
+            return _own_or_extended(config.parent / f"{entry}.yaml", key)
+    return None
+
+
+def task_and_dataset(args: list[str]) -> tuple[str, str]:
+    """(task_name, dataset choice) of a plain train command, read from its overrides and the defaults lists
+    without composing (a compose is ~0.5 s and collection would pay it for every command on every xdist worker).
+    ``test_train_command_composes_and_sets_up`` checks it against the composed config for every command."""
+    picks = dict(a.split("=", 1) for a in args if re.match(r"^\w+=", a))
+    task = picks.get("task") or _group_default(CONF_DIR / "train.yaml", "task")
+    task_name, dataset = task, _group_default(CONF_DIR / "train.yaml", "dataset")
+    # in train.yaml's defaults order: the task, then the groups after it that may set task_name or the dataset
+    for config in (CONF_DIR / "task" / f"{task}.yaml",
+                   *(CONF_DIR / g / f"{picks[g]}.yaml" for g in ("experiment", "hparams_search", "debug") if g in picks)):
+        task_name = _own_or_extended(config, "task_name") or task_name
+        dataset = _group_default(config, "dataset") or dataset
+    return str(task_name), picks.get("dataset", dataset)
+
+
 def _fit_commands() -> list[Command]:
     """The first documented command of each task x real dataset pair that runs offline and has tiny sizes."""
     picked: dict[tuple[str, str], Command] = {}
     for cmd in TRAIN:
         if _why_not_run(cmd) or any(a.startswith(("experiment=", "ckpt_path=")) or "-m" == a for a in cmd.args):
             continue
-        try:
-            cfg = compose_train(cmd.args)
-        except Exception:  # noqa: BLE001 -- test_train_command_composes_and_sets_up reports it
-            continue
-        finally:
-            GlobalHydra.instance().clear()
-        task, dataset = cfg.task_name, cfg.hydra.runtime.choices.dataset
+        task, dataset = task_and_dataset(cmd.args)
         if task in FIT_OVERRIDES and dataset in REAL_LAYOUTS:
             picked.setdefault((task, dataset), cmd)
     return list(picked.values())
