@@ -6,9 +6,11 @@ then ``paths.*`` are pointed at ``tmp_path`` and ``HydraConfig`` is set so ``${h
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,9 +124,21 @@ def tiny_overrides(data_dir: str | Path) -> list[str]:
     ]
 
 
+_COMPOSED: OrderedDict[tuple, DictConfig] = OrderedDict()  # this worker's last composes (a compose takes ~0.5 s)
+
+
 def compose_train(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, return_hydra_config=True, overrides=list(overrides or []))
+    """A fresh copy of ``config_name`` composed with ``overrides``; the same composition asked again (the schema,
+    search and documented-command tests ask many twice) is copied from this worker's cache instead of recomposed.
+    A compose that raises is not cached: it raises each time."""
+    key = (config_name, tuple(overrides or ()), os.getcwd())
+    if key not in _COMPOSED:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            _COMPOSED[key] = compose(config_name=config_name, return_hydra_config=True, overrides=list(key[1]))
+        if len(_COMPOSED) > 256:
+            _COMPOSED.popitem(last=False)
+    _COMPOSED.move_to_end(key)
+    return copy.deepcopy(_COMPOSED[key])
 
 
 def point_paths_at(cfg: DictConfig, tmp_path: Path, cache_dir: Path | None = None) -> DictConfig:

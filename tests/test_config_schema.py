@@ -19,6 +19,9 @@ from transferrable.core import config_rules
 from transferrable.core import config_schema as schema
 from transferrable.core.errors import ConfigError, exit_on_user_error
 
+# one worker for the module: its tests compose the same ~76 option sets (conftest's compose cache is per worker)
+pytestmark = pytest.mark.xdist_group("test_config_schema")
+
 # Numeric keys that take any real number on purpose (no range to check): the R-CNN SVM's hard-negative score
 # thresholds are SVM scores (their order, easy < hard, is a cross-check in config_schema).
 UNBOUNDED = {"rcnn.svm.hard_threshold", "rcnn.svm.easy_threshold"}
