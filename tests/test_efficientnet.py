@@ -87,6 +87,23 @@ def test_hub_statistics_switch_the_inputs_at_run_time():
     assert weight_statistics("tf_efficientnet_lite2") == ([0.5] * 3, [0.5] * 3)
 
 
+def test_hub_statistics_reach_the_domain_target(monkeypatch):
+    """``task=decaf_domain`` reads a second dataset (``decaf_domain.target``): with hub weights it is normalised as
+    the weights were trained too, as the source dataset is (before: the target kept ImageNet's mean/std while the
+    source got Lite0's 0.5/0.5); a target statistic given on the command line is kept."""
+    from transferrable.run import runner
+
+    cfg = compose_train(["experiment=decaf_domain", "backbone=efficientnet_lite0", "backbone.weights=hub"])
+    runner.apply_hub_normalisation(cfg)
+    for node in (cfg.dataset, cfg.decaf_domain.target):
+        assert list(node.mean) == [0.5] * 3 and list(node.std) == [0.5] * 3
+    monkeypatch.setattr(runner, "_command_line_keys", lambda: {"decaf_domain.target.std"})
+    cfg = compose_train(["experiment=decaf_domain", "backbone=efficientnet_lite0", "backbone.weights=hub",
+                         "decaf_domain.target.std=[0.25,0.25,0.25]"])
+    runner.apply_hub_normalisation(cfg)
+    assert list(cfg.decaf_domain.target.mean) == [0.5] * 3 and list(cfg.decaf_domain.target.std) == [0.25] * 3
+
+
 def test_keys_map_by_name_onto_timm():
     net = timm.create_model("efficientnet_lite0")
     blocks = block_names(net)

@@ -52,31 +52,45 @@ def _command_line_keys() -> set[str]:
     return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
+def _statistics_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """The dataset nodes a backbone reads: the task's ``dataset`` and a ``decaf_domain.target``."""
+    nodes = [("dataset", cfg.get("dataset"))]
+    if "decaf_domain" in cfg and cfg.decaf_domain.get("target") is not None:
+        nodes.append(("decaf_domain.target", cfg.decaf_domain.target))
+    return [(where, node) for where, node in nodes if node is not None and "mean" in node]
+
+
+def _set_statistics(cfg: DictConfig, stats: tuple[list[float], list[float]], why: str) -> None:
+    """``mean``/``std`` of every node of ``_statistics_nodes`` set to ``stats``; one given on the command line is kept."""
+    explicit = _command_line_keys()
+    with open_dict(cfg):
+        for where, node in _statistics_nodes(cfg):
+            for key, value in zip(("mean", "std"), stats, strict=True):
+                if f"{where}.{key}" in explicit or list(node.get(key) or []) == value:
+                    continue
+                log.info("backbone.weights=%s: %s.%s %s -> %s (%s)", cfg.backbone.weights, where, key,
+                         list(node.get(key) or []), value, why)
+                node[key] = value
+
+
 def apply_hub_normalisation(cfg: DictConfig) -> None:
     """With ``backbone.weights=hub``/``hub:<tag>`` the inputs are normalised as the hub weights were trained
-    (ImageNet's mean/std for timm's and torchvision's), not with the dataset's (or a task's) statistics. A
+    (ImageNet's mean/std for timm's and torchvision's, mean = std = 0.5 for EfficientNet-Lite's), not with the
+    dataset's (or a task's) statistics: the task's dataset and a ``decaf_domain.target`` alike. A
     ``dataset.mean``/``dataset.std`` given on the command line is kept."""
     from hydra.utils import get_class
 
     from models.weights import is_hub_spec
 
-    backbone, dataset = cfg.get("backbone"), cfg.get("dataset")
-    if not backbone or not dataset or not is_hub_spec(backbone.get("weights")) or "mean" not in dataset:
+    backbone = cfg.get("backbone")
+    if not backbone or not is_hub_spec(backbone.get("weights")) or not _statistics_nodes(cfg):
         return
     try:
         stats = get_class(backbone._target_).hub_statistics(backbone)
     except (AttributeError, ImportError):  # a backbone class without hub weights
         return
-    if stats is None:
-        return
-    explicit = _command_line_keys()
-    with open_dict(cfg):
-        for key, value in zip(("mean", "std"), stats, strict=True):
-            if f"dataset.{key}" in explicit or list(dataset.get(key) or []) == value:
-                continue
-            log.info("backbone.weights=%s: dataset.%s %s -> %s (the hub weights' statistics)",
-                     backbone.weights, key, list(dataset.get(key) or []), value)
-            dataset[key] = value
+    if stats is not None:
+        _set_statistics(cfg, stats, "the hub weights' statistics")
 
 
 def apply_source_normalisation(cfg: DictConfig) -> None:
@@ -88,22 +102,8 @@ def apply_source_normalisation(cfg: DictConfig) -> None:
     if not (isinstance(weights, str) and weights.startswith(source.SOURCE_PREFIX)):
         return
     stats = source.source_statistics(weights[len(source.SOURCE_PREFIX):], overrides_node(cfg, "source_overrides"))
-    if stats is None:
-        return
-    explicit = _command_line_keys()
-    nodes = [("dataset", cfg.get("dataset"))]
-    if "decaf_domain" in cfg and cfg.decaf_domain.get("target") is not None:
-        nodes.append(("decaf_domain.target", cfg.decaf_domain.target))
-    with open_dict(cfg):
-        for where, node in nodes:
-            if node is None or "mean" not in node:
-                continue
-            for key, value in zip(("mean", "std"), stats, strict=True):
-                if f"{where}.{key}" in explicit or list(node.get(key) or []) == value:
-                    continue
-                log.info("backbone.weights=%s: %s.%s %s -> %s (the source's statistics)", weights, where, key,
-                         list(node.get(key) or []), value)
-                node[key] = value
+    if stats is not None:
+        _set_statistics(cfg, stats, "the source's statistics")
 
 
 def build_datamodule(cfg: DictConfig):
