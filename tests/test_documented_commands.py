@@ -392,28 +392,27 @@ def _yaml(config: Path) -> dict:
     return yaml.safe_load(config.read_text()) or {}
 
 
-def _group_default(config: Path, group: str) -> str | None:
-    """The option a config's defaults list picks for ``group`` (``- group: x`` or ``- override /group: x``), also
-    through a config of its own group that it extends (``- decaf`` in conf/task/decaf_domain.yaml)."""
+def _chain(config: Path):
+    """A config, then (recursively) the configs of its own group that it extends (``- decaf`` in decaf_domain.yaml)."""
+    yield _yaml(config)
     for entry in _yaml(config).get("defaults", []):
-        if isinstance(entry, dict):
-            for key, value in entry.items():
+        if isinstance(entry, str) and entry != "_self_" and (config.parent / f"{entry}.yaml").is_file():
+            yield from _chain(config.parent / f"{entry}.yaml")
+
+
+def _group_default(config: Path, group: str) -> str | None:
+    """The option a config (or one it extends) picks for ``group``: ``- group: x`` or ``- override /group: x``."""
+    for node in _chain(config):
+        for entry in node.get("defaults", []):
+            for key, value in (entry.items() if isinstance(entry, dict) else ()):
                 if key.removeprefix("override ").strip("/ ") == group:
                     return str(value)
-        elif entry != "_self_" and (config.parent / f"{entry}.yaml").is_file():
-            if found := _group_default(config.parent / f"{entry}.yaml", group):
-                return found
     return None
 
 
 def _own_or_extended(config: Path, key: str):
-    """A top-level key of a config, or of the config of its own group that it extends."""
-    if key in _yaml(config):
-        return _yaml(config)[key]
-    for entry in _yaml(config).get("defaults", []):
-        if isinstance(entry, str) and entry != "_self_" and (config.parent / f"{entry}.yaml").is_file():
-            return _own_or_extended(config.parent / f"{entry}.yaml", key)
-    return None
+    """A top-level key of a config, or of a config it extends."""
+    return next((node[key] for node in _chain(config) if key in node), None)
 
 
 def task_and_dataset(args: list[str]) -> tuple[str, str]:
