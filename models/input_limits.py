@@ -67,11 +67,23 @@ def _probe_net(key: str) -> nn.Module:
 
     cfg = json.loads(key)
     with torch.device("meta"):
-        return instantiate({**cfg, "weights": None}).eval()
+        return _without_batch_norm(instantiate({**cfg, "weights": None}).eval())
+
+
+def _without_batch_norm(net: nn.Module) -> nn.Module:
+    """BatchNorm keeps shapes, and on the meta device it runs as Python decompositions: ~95% of a probe's time
+    (EfficientNet-Lite2: 0.33 s a forward with it, 0.015 s without)."""
+    for name, child in net.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(net, name, nn.Identity())
+        else:
+            _without_batch_norm(child)
+    return net
 
 
 def probe_net(cfg: Mapping[str, Any]) -> nn.Module:
-    """The backbone of config ``cfg`` (``_target_`` and constructor keys) built on the meta device, cached."""
+    """The backbone of config ``cfg`` (``_target_`` and constructor keys) built on the meta device without its
+    BatchNorm layers (shapes only), cached."""
     return _probe_net(_spatial_key(cfg))
 
 

@@ -52,6 +52,23 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 
 torch.set_num_threads(TEST_THREADS)
 
+
+def _cache_interpolation_parses() -> None:
+    """OmegaConf parses an interpolation string with its ANTLR grammar on every access and keeps no tree; the tests
+    validate and compose the same configs thousands of times (the search tests: ~45% of their time was parsing).
+    The trees are read-only to OmegaConf's resolver, so the same string's tree is reused (test processes only)."""
+    import functools
+
+    import omegaconf._utils
+    import omegaconf.base
+    import omegaconf.grammar_parser
+
+    parse = functools.lru_cache(maxsize=16384)(omegaconf.grammar_parser.parse)
+    omegaconf.base.parse = omegaconf._utils.parse = parse
+
+
+_cache_interpolation_parses()
+
 NUM_CLASSES = 10
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from zygote import popen_script
 
 from transferrable.core.artifact_cache import ArtifactCache
 from transferrable.core.cache_lock import CacheLockTimeout, entry_lock, lock_path
@@ -219,9 +220,8 @@ TINY_SOURCE = ["task=classify", "dataset=fractal_caltech", "dataset.n_classes=3"
 @pytest.mark.slow
 def test_two_train_jobs_pretrain_the_source_and_generate_its_data_once(tmp_path):
     env = {**os.environ, "TRANSFERRABLE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "train.py", *TINY_SOURCE, f"hydra.run.dir={tmp_path / f'run{i}'}"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [popen_script(["train.py", *TINY_SOURCE, f"hydra.run.dir={tmp_path / f'run{i}'}"], ROOT, env)
+             for i in range(2)]  # two overlapping runs, forked from the test zygote
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
     both = "".join(outs)

@@ -37,16 +37,16 @@ def test_two_processes_write_once_and_reduce_over_the_whole_split(fmnist_dir, tm
 def test_a_two_job_sweep_through_submitit_local(fmnist_dir, tmp_path):
     """``hydra/launcher=submitit_local``, the launcher family of ``hardware=slurm``: both jobs run and write their
     own metrics.json under the sweep directory."""
-    import subprocess
     import sys
 
     from kill_switch import ROOT
+    from zygote import run_script
 
     tiny = [x for x in DDP if not x.startswith(("hardware=", "trainer.devices=", "trainer.max_epochs=", "seed="))]
     tiny.append("trainer.max_epochs=1")
     cmd = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"dataset.data_dir={fmnist_dir}", "seed=0,1", *tiny]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_script(cmd[1:], cwd=ROOT, timeout=600)  # the sweep's controller forked from the zygote
     assert done.returncode == 0, done.stderr[-3000:]
     found = sorted(tmp_path.glob("sweep/*/metrics.json"))
     assert [p.parent.name for p in found] == ["0", "1"], done.stdout[-2000:]

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import transferrable.run.runner as runner
+from models.input_limits import probe_net
 from transferrable.core import config_schema as schema
 from transferrable.core.archives import extract_configured_archive
 from transferrable.core.checkpoints import check_ckpt_path
@@ -166,15 +167,13 @@ def validation_path(cfg: DictConfig) -> None:
 
 
 def backbone_runs(cfg: DictConfig) -> None:
-    """The configured backbone, built on the meta device, runs every tap at the size the dataset delivers."""
-    from hydra.utils import instantiate
-
+    """The configured backbone, built on the meta device (models/input_limits.py's cached probe: BatchNorm left out,
+    which keeps shapes), runs every tap at the size the dataset delivers."""
     node = OmegaConf.to_container(cfg.backbone, resolve=True)
     size = cfg.dataset.get("input_size", node["input_size"])
     if "bigan" in cfg:  # E sees backbone.input_size (the model resizes)
         size = node["input_size"]
-    with torch.device("meta"):
-        net = instantiate({**node, "weights": None})
+    net = probe_net(node)
     channels = int(getattr(net, "in_channels", 3))
     net.eval().forward_taps(torch.zeros(2, channels, size, size, device="meta"), list(net.tap_names))
 
