@@ -28,7 +28,8 @@ from transferrable.core.precision import inference_bf16
 from transferrable.core.task_defaults import plain, task_config
 
 FEATURE_KINDS = ("full", "fg", "full+fg")
-LAYERS = ("fc6", "fc7")
+# pool5 for a backbone whose fc6/fc7 are added at random (EfficientNet-Lite: its pretrained representation)
+LAYERS = ("pool5", "fc6", "fc7")
 REGRESSORS = ("svr", "ridge")
 FINETUNE = ("none", "detection")
 
@@ -75,7 +76,7 @@ class RCNNSegmentationModule(L.LightningModule):
     @torch.inference_mode()
     def image_features(self, image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, mean, std,
                        kinds: list[str]) -> dict[tuple[str, str], np.ndarray]:
-        """{(full|fg, fc6|fc7): R x D} of one image's regions."""
+        """{(full|fg, pool5|fc6|fc7): R x D} of one image's regions."""
         full, fg = warp_full_and_fg(image, masks, boxes, self.size, self.pad, mean, std)
         inputs = {"full": full, "fg": fg}
         out: dict[tuple[str, str], list] = {}
