@@ -41,7 +41,9 @@ def run_quick(tmp_path_factory, names: list[str], repeats: int):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    return run_quick(tmp_path_factory, [n for n in registry.load_all() if n not in HEAVY], repeats=2)
+    # one repeat: each entry's code runs the same way for any count; aggregating several samples (median, min/max,
+    # ratio of medians) is checked on hand-made Stats below
+    return run_quick(tmp_path_factory, [n for n in registry.load_all() if n not in HEAVY], repeats=1)
 
 
 def _positive(x) -> bool:
@@ -204,7 +206,8 @@ def test_bigan_time_to_accuracy_entry(quick_run, tmp_path):
     _, _, result, _ = quick_run
     fig, acc = [f for f in result["figures"] if f["benchmark"] == "bigan_time_to_accuracy"]
     assert fig["unit"] == "s" and "1-NN acc >= 5%" in fig["figure"] and "NOT reached" not in fig["figure"]
-    assert f"reached by {result['repeats']}/{result['repeats']} seeds after [2, 2] batches" in fig["note"]
+    n = result["repeats"]
+    assert f"reached by {n}/{n} seeds after {[2] * n} batches" in fig["note"]
     assert acc["unit"] == "%" and all(5 <= a <= 100 for a in acc["value"]["samples"]) and acc["ratio"] > 0
     data, _ = _fashion_mnist(True, tmp_path)
     tiny = {"every": 2, "max_batches": 6, "epochs": 1, "batch": 8, "hidden": [16, 16], "n_eval": 40,
