@@ -44,6 +44,7 @@ RULES = [
     ("decaf.max_images", Int(1, nullable=True)),
     ("decaf.hog.*", COUNT),
     ("decaf.fit_threads", Int(1, nullable=True)),
+    ("decaf.fit_workers", Int(1, nullable=True)),
     ("decaf.tsne.panels", ListOf(DECAF_FEATURE, unique=True, bad_item="no tap {!r}")),
     ("decaf.tsne.max_points", Int(2, nullable=True)),
     ("decaf.tsne.seed", SEED),

@@ -6,8 +6,10 @@ and the classifier fits with cross-validated C over splits (``run_protocol``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +95,7 @@ class Protocol:
     fit_threads: int | None
     plot: bool
     solver: str = "sklearn"
+    fit_workers: int = 1
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig, model: DecafModule, check_main: bool = True) -> Protocol:
@@ -128,6 +131,7 @@ class Protocol:
             dropout=FeatureDropout(float(cfg.dropout_rate), int(cfg.dropout_copies)), max_iter=int(cfg.max_iter),
             pool=str(cfg.pool), max_images=cfg.max_images, main=main, tsne=tsne, fit_threads=cfg.fit_threads,
             plot=bool(cfg.plot), solver=str(cfg.get("solver", "sklearn")),
+            fit_workers=int(cfg.get("fit_workers") or len(os.sched_getaffinity(0))),
         )
 
 
@@ -272,30 +276,36 @@ def fit_eval(p: Protocol, spec: ClassifierSpec, X_train, y_train, X_test, y_test
 
 def run_protocol(p: Protocol, pool: Pool, feats: dict[str, np.ndarray], bars: bool = False) -> dict:
     """{(feature, classifier, N): {"acc": [...], "C": [...], "val": [...]}} over the split seeds (a bar of the fits
-    when ``bars``)."""
-    results: dict[tuple[str, str, int], dict[str, list]] = {}
+    when ``bars``). The (split, feature, classifier) fits are independent, so ``fit_workers`` threads run them at once
+    (one BLAS/torch thread each: the matrix work releases the GIL, and each fit draws from its own seeded Generator);
+    the results are gathered in a fixed order, the same for any number of workers."""
     shots_desc = sorted(p.shots, reverse=True)
+    splits = {seed: {n: protocol_split(pool, n, seed) for n in shots_desc} for seed in p.split_seeds}
+    jobs = [(seed, name, spec) for seed in p.split_seeds for name in p.features for spec in p.specs]
+
+    def fit_job(seed: int, name: str, spec: ClassifierSpec) -> list[tuple]:
+        X, out, C_fixed = feats[name], [], None
+        for n in shots_desc:
+            train, test = splits[seed][n]
+            acc, C, val = fit_eval(p, spec, X[train], pool.labels[train], X[test], pool.labels[test], seed, C=C_fixed)
+            if p.cv_at == "largest" and C_fixed is None:
+                C_fixed = C
+            out.append((n, acc, C, val))
+        return out
+
+    results: dict[tuple[str, str, int], dict[str, list]] = {}
     # the fits are the slow part on many classes (C validated per feature x classifier x split): show them
-    bar = progress(total=len(p.split_seeds) * len(p.features) * len(p.specs), desc="decaf: fitting classifiers",
-                   enabled=bars, unit="fit")
-    for seed in p.split_seeds:
-        splits = {n: protocol_split(pool, n, seed) for n in shots_desc}
-        for name in p.features:
-            X = feats[name]
-            for spec in p.specs:
-                bar.set_postfix_str(f"{name}/{spec.name}", refresh=False)
-                C_fixed = None
-                for n in shots_desc:
-                    train, test = splits[n]
-                    acc, C, val = fit_eval(p, spec, X[train], pool.labels[train], X[test], pool.labels[test], seed,
-                                           C=C_fixed)
-                    if p.cv_at == "largest" and C_fixed is None:
-                        C_fixed = C
-                    r = results.setdefault((name, spec.name, n), {"acc": [], "C": [], "val": []})
-                    r["acc"].append(acc)
-                    r["C"].append(C)
-                    r["val"].append(val)
-                bar.update(1)
+    bar = progress(total=len(jobs), desc="decaf: fitting classifiers", enabled=bars, unit="fit")
+    with ThreadPoolExecutor(max_workers=max(1, p.fit_workers)) as workers:
+        futures = [workers.submit(fit_job, *job) for job in jobs]
+        for (_, name, spec), future in zip(jobs, futures, strict=True):
+            for n, acc, C, val in future.result():
+                r = results.setdefault((name, spec.name, n), {"acc": [], "C": [], "val": []})
+                r["acc"].append(acc)
+                r["C"].append(C)
+                r["val"].append(val)
+            bar.set_postfix_str(f"{name}/{spec.name}", refresh=False)
+            bar.update(1)
     bar.close()
     return results
 
