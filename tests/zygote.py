@@ -24,6 +24,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -279,6 +280,7 @@ class _Zygote:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)  # the socket's folder
 
 
 _zygote: _Zygote | None = None
