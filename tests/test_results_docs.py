@@ -243,7 +243,11 @@ def test_conversion_kept_every_measured_number(method):
 
 def test_rerun_reproduces_the_recorded_table(tmp_path):
     """The cheap table decaf.md#digits_controls, rerun from its recorded command in-process, gives its numbers back
-    (within the table's stated tolerance)."""
+    within the table's own noise (2 SE by verdicts.RULES) and, computed from the rerun's numbers, the same verdicts.
+
+    Not exact: on another CPU kind float rounding in the random network's fc6 can flip a validation prediction
+    (20 images), hence the chosen C of a split (CI measured random_fc6 88.26 against the recorded 88.84)."""
+    import copy
     import shlex
 
     from conftest import compose_train, point_paths_at
@@ -255,8 +259,11 @@ def test_rerun_reproduces_the_recorded_table(tmp_path):
     assert args[:2] == ["python", "train.py"]
     cfg = point_paths_at(compose_train([*args[2:], "logger=none"]), tmp_path)
     metrics = train(cfg)
-    rerun = table["rerun"]
-    for name, key in rerun["metrics"].items():
-        recorded, std = verdicts.parse(verdicts.locate(table, table["cells"][name])[2][table["cells"][name]["row"]][1])
-        assert 100 * metrics[key] == pytest.approx(recorded, abs=rerun["tolerance"]), name
-        assert 100 * metrics[f"{key}_std"] == pytest.approx(std, abs=rerun["tolerance"]), name
+    rerun = copy.deepcopy(table)
+    for name, key in table["rerun"]["metrics"].items():
+        recorded = verdicts.cell(table, name)
+        i, j, rows = verdicts.locate(rerun, table["cells"][name])
+        rows[i][j] = f"{100 * metrics[key]:.2f} ± {100 * metrics[f'{key}_std']:.2f}"
+        assert abs(100 * metrics[key] - recorded["value"]) <= verdicts.SPREAD_FACTOR * recorded["se"], (
+            name, 100 * metrics[key], recorded)
+    assert verdicts.table_verdicts(rerun) == verdicts.table_verdicts(table)
