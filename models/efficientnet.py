@@ -168,6 +168,7 @@ class EfficientNetLite(TapBackbone):
         freeze: str | None = "none",
         norm_eval: bool = True,
         weights: str | None = None,
+        reinit_unfrozen: bool = False,
     ):
         super().__init__(input_size, freeze, norm_eval)
         import timm  # imported here for start-up speed
@@ -196,3 +197,16 @@ class EfficientNetLite(TapBackbone):
             )
         )
         self._finish(weights)
+        if reinit_unfrozen and weights is not None:  # Table 5.2's protocol: only the frozen layers are transferred
+            self.reset_stages([n for n in self.tap_names if n not in self.frozen_stage_names()])
+
+    def reset_stages(self, names) -> None:
+        """The named stages back to a fresh initialisation, timm's own for EfficientNet (BatchNorm: weight 1, bias 0,
+        fresh running statistics)."""
+        from timm.models._efficientnet_builder import _init_weight_goog
+
+        for name in names:
+            for mod_name, m in self.stages[name].named_modules():
+                _init_weight_goog(m, mod_name)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.reset_running_stats()

@@ -201,6 +201,28 @@ def test_freeze_stops_gradients_and_batch_norm_statistics():
         net.apply_freeze("conv9")
 
 
+def test_reinit_unfrozen_keeps_the_frozen_imagenet_layers_and_redraws_the_rest():
+    """Table 5.2's protocol on the ImageNet network (``experiment=bigan_transfer backbone=efficientnet_lite0``):
+    conv1..conv3 stay the file's, conv4 onwards are drawn afresh (timm's init; BN at weight 1, bias 0, fresh
+    statistics), and an unfrozen build without reinit keeps conv4 the file's."""
+    raw = raw_state("efficientnet_lite0")
+    kept = EfficientNetLite("efficientnet_lite0", input_size=64, weights="hub", freeze="conv3")
+    fresh = EfficientNetLite("efficientnet_lite0", input_size=64, weights="hub", freeze="conv3", reinit_unfrozen=True)
+    torch.testing.assert_close(fresh.stages.conv1[0].weight, raw["_conv_stem.weight"])
+    torch.testing.assert_close(fresh.stages.conv3[0].conv_pw.weight, kept.stages.conv3[0].conv_pw.weight)
+    assert not torch.allclose(fresh.stages.conv4[0][0].conv_pw.weight, kept.stages.conv4[0][0].conv_pw.weight)
+    head_bn = fresh.stages.conv5[3]
+    assert torch.equal(head_bn.weight, torch.ones_like(head_bn.weight)) and not head_bn.bias.any()
+    assert not head_bn.running_mean.any() and torch.equal(head_bn.running_var, torch.ones_like(head_bn.running_var))
+    assert not torch.equal(kept.stages.conv5[3].running_mean, head_bn.running_mean)
+    # a random network (weights null) has nothing to keep: reinit is a no-op there, as for bigan_alexnet
+    torch.manual_seed(0)
+    a = EfficientNetLite("efficientnet_lite0", input_size=64, freeze="conv3", reinit_unfrozen=True)
+    torch.manual_seed(0)
+    b = EfficientNetLite("efficientnet_lite0", input_size=64, freeze="conv3")
+    torch.testing.assert_close(a.stages.conv5[2].weight, b.stages.conv5[2].weight)
+
+
 def test_source_checkpoints_round_trip(tmp_path):
     """The suite's own checkpoints (source:<dataset> pretraining, fine-tuned runs) load back by the suite's keys."""
     torch.manual_seed(0)
