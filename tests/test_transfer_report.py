@@ -68,4 +68,5 @@ def test_no_pivot_for_sweeps_without_frozen_layers(tmp_path):
     for k, lr in enumerate(["0.1", "0.01"]):
         _write_run(tmp_path / str(k), [f"model.optimizer.lr={lr}"], 0.5 + k / 10)
     assert "Table 5.2" not in write_report(tmp_path)
+    assert source_label("hub") == source_label("hub:imagenet") == "Supervised (ImageNet)"
     assert source_label("source:mnist") == "Supervised (MNIST)" and source_label("/x/bigan.ckpt") == "/x/bigan.ckpt"

