@@ -82,6 +82,8 @@ class DecafModule(L.LightningModule):
                     f"{what}: backbone '{self.backbone.arch}' has no tap '{tap}'; available taps: "
                     f"{list(self.backbone.tap_names)} (also: raw, hog, random:<tap>)"
                 )
+            if not name.startswith(RANDOM_PREFIX):  # random:<tap> is random on purpose
+                self.backbone.warn_untrained([tap], what)
 
     def request(self, names: Sequence[str], gray: bool = False) -> None:
         """The features the next ``predict_step`` calls return; ``gray``: raw pixels as one channel."""

@@ -57,6 +57,8 @@ class RCNNSegmentationModule(L.LightningModule):
         self.backbone = backbone
         self.num_classes = int(num_classes)
         backbone.check_taps(self.layers)
+        if c["finetune"] == "none":  # the region features are read as they come
+            backbone.warn_untrained(self.layers, "rcnn_segmentation.layers")
         self.size = int(backbone.input_size)
         self.pad = scaled_pad(self.size, c["context_pad"])
         self.stats: dict[str, Any] = {}

@@ -52,6 +52,11 @@ class UnknownTapError(UserError, ValueError):
     """A tap name that is not one of ``TAP_NAMES``."""
 
 
+class UntrainedTapWarning(UserWarning):
+    """A tap read as a fixed feature whose layers the weights never trained (EfficientNet's added fc6/fc7): a
+    random projection, fine as a deliberate control (decaf.md#fig23_left_lite0), a trap otherwise."""
+
+
 def _fc(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU(inplace=True), nn.Dropout(dropout))
 
@@ -72,6 +77,8 @@ class TapBackbone(nn.Module):
     """
 
     arch: str = "backbone"
+    # taps whose layers the loaded weights did not train (added at random): reading them frozen reads noise
+    untrained_taps: tuple[str, ...] = ()
 
     @classmethod
     def hub_statistics(cls, cfg) -> tuple[list[float], list[float]] | None:
@@ -97,6 +104,19 @@ class TapBackbone(nn.Module):
             raise UnknownTapError(
                 f"backbone '{self.arch}' has no tap(s) {unknown}; available taps: {list(self.stages)}"
             )
+
+    def warn_untrained(self, taps: Sequence[str], what: str) -> None:
+        """One warning line when a frozen read of ``taps`` (the config key ``what``) reads layers the weights never
+        trained, naming the deepest trained tap as the alternative."""
+        bad = [t for t in taps if t in self.untrained_taps]
+        if bad:
+            import warnings
+
+            trained = [t for t in self.tap_names if t not in self.untrained_taps]
+            warnings.warn(
+                f"{what}: {bad} of backbone '{self.arch}' are added at random (its weights do not train them) and are "
+                f"read untrained, as random projections; the pretrained representation is {what}=[{trained[-1]}]",
+                UntrainedTapWarning, stacklevel=2)
 
     def forward_taps(self, x: torch.Tensor, taps: Sequence[str] | str) -> dict[str, torch.Tensor]:
         taps = [taps] if isinstance(taps, str) else list(taps)

@@ -197,6 +197,8 @@ class EfficientNetLite(TapBackbone):
             )
         )
         self._finish(weights)
+        if is_hub_spec(weights):
+            self.untrained_taps = ("fc6", "fc7")
         if reinit_unfrozen and weights is not None:  # Table 5.2's protocol: only the frozen layers are transferred
             self.reset_stages([n for n in self.tap_names if n not in self.frozen_stage_names()])
 

@@ -256,3 +256,29 @@ def test_rcnn_on_lite0_starts_from_imagenet_without_a_source(tmp_path, monkeypat
     assert all(p.requires_grad for n in ("conv5", "fc6", "fc7") for p in model.backbone.stages[n].parameters())
     torch.testing.assert_close(model.backbone.stages.conv1[0].weight,
                                raw_state("efficientnet_lite0")["_conv_stem.weight"])
+
+
+def test_reading_the_added_fc_layers_frozen_warns_and_names_pool5():
+    """experiment=rcnn_segmentation sets layers [fc6, fc7]: with the ImageNet Lite0 and no fine-tuning those are
+    random projections of pool5. One warning names the override and pool5; none where they are trained (finetune
+    detection), random on purpose (random:fc6) or pool5 itself."""
+    from lightning_modules.decaf import DecafModule
+    from lightning_modules.rcnn_segmentation import RCNNSegmentationModule
+    from models.backbones import UntrainedTapWarning
+
+    net = EfficientNetLite("efficientnet_lite0", input_size=64, weights="hub")
+    assert net.untrained_taps == ("fc6", "fc7")
+    assert EfficientNetLite("efficientnet_lite0", input_size=64).untrained_taps == ()
+    with pytest.warns(UntrainedTapWarning, match=r"rcnn_segmentation.layers: \['fc6', 'fc7'\] .*"
+                                                 r"rcnn_segmentation.layers=\[pool5\]"):
+        RCNNSegmentationModule(net, num_classes=11, layers=["fc6", "fc7"], finetune="none")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedTapWarning)
+        RCNNSegmentationModule(net, num_classes=11, layers=["fc6", "fc7"], finetune="detection")
+        RCNNSegmentationModule(net, num_classes=11, layers=["pool5"], finetune="none")
+        decaf = DecafModule(net, compose_train(["task=decaf", "backbone=efficientnet_lite0"]).decaf)
+        decaf.check_features(["pool5", "random:fc6", "hog"])
+    with pytest.warns(UntrainedTapWarning, match=r"decaf.features: \['fc7'\]"):
+        decaf.check_features(["fc7"])
