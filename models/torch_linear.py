@@ -7,8 +7,9 @@ L-BFGS on float32 features, every C of a grid fitted along one warm-started path
 * ``svm``: one-vs-rest squared hinge with the intercept as a regularised constant feature, as liblinear's
   ``LinearSVC`` (``intercept_scaling=1``): ``mean_i sum_k max(0, 1 - Y_ik (x_i w_k + b_k))^2 +
   (||W||^2 + ||b||^2) / (2 C n)``, ``Y`` in {-1, +1}. Two classes: one column (class 1 positive).
-* Both objectives are scaled by ``1/n`` (scikit-learn's own scaling for lbfgs). The stopping rule is relative
-  stationarity (``_lbfgs``), scale-free at every C. Gradients are written out (no autograd): one ``X @ W`` and one
+* Both objectives are scaled by ``1/n`` (scikit-learn's own scaling for lbfgs). The stopping rule: relative
+  stationarity or a stalled objective (``_lbfgs``), scale-free at every C. Many classes are computed as a multiple
+  of 8 columns (``_padded``; zero columns without a target): faster GEMMs, the same optimum. Gradients are written out (no autograd): one ``X @ W`` and one
   ``X.T @ G`` per evaluation; L-BFGS is preconditioned by the features' Gram matrix (``gram_preconditioner``).
 * The path: C ascending, each fit started from the previous solution (larger C = weaker regularisation, a
   nearby optimum), so the later, slower-converging fits start close to their answer.
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 KINDS = ("logreg", "svm")
+# the stopping rule (``_lbfgs``): the objective fell by less than FTOL per iteration, relatively, over the last WINDOW
+FTOL, WINDOW = 1e-5, 1
 
 
 @dataclass
@@ -58,13 +61,17 @@ def _targets(kind: str, y_idx: torch.Tensor, n_classes: int) -> torch.Tensor:
     return Y[:, 1:] if n_classes == 2 else Y
 
 
-def _loss_and_grad(kind: str, X: torch.Tensor, T: torch.Tensor, W: torch.Tensor, b: torch.Tensor, reg: float):
-    """(objective, dW, db) at (W, b); ``reg = 1 / (C n)``."""
+def _loss_and_grad(kind: str, X: torch.Tensor, T: torch.Tensor, W: torch.Tensor, b: torch.Tensor, reg: float,
+                   m: int | None = None):
+    """(objective, dW, db) at (W, b); ``reg = 1 / (C n)``. ``m``: the real columns when W carries zero padding
+    columns (``_padded``): their targets are 0 (svm) or ignored (logreg), so their gradient stays 0."""
     n = X.shape[0]
     Z = torch.addmm(b, X, W)  # n x m
     if kind == "logreg":
         if W.shape[1] == 1:  # binomial: logits [0, z]
             Z = torch.cat([torch.zeros_like(Z), Z], dim=1)
+        elif m is not None and m < W.shape[1]:
+            Z[:, m:] = -torch.inf  # padding: no probability
         logp = torch.log_softmax(Z, dim=1)
         loss = -logp.gather(1, T[:, None]).sum() / n
         G = logp.exp_()
@@ -75,33 +82,44 @@ def _loss_and_grad(kind: str, X: torch.Tensor, T: torch.Tensor, W: torch.Tensor,
         f = loss + 0.5 * reg * W.pow(2).sum()
         return f, torch.addmm(W, X.T, G, alpha=1.0, beta=reg), G.sum(0)
     margin = (1.0 - T * Z).clamp_(min=0.0)
-    f = margin.pow(2).sum() / n + 0.5 * reg * (W.pow(2).sum() + b.pow(2).sum())
-    G = margin.mul_(T).mul_(-2.0 / n)
+    f = margin[:, :m].pow(2).sum() / n + 0.5 * reg * (W.pow(2).sum() + b.pow(2).sum())
+    G = margin.mul_(T).mul_(-2.0 / n)  # T = 0 in padding columns: no gradient there
     return f, torch.addmm(W, X.T, G, alpha=1.0, beta=reg), G.sum(0) + reg * b
 
 
+def _padded(m: int) -> int:
+    """Columns to compute with: a multiple of 8 from 16 up. MKL's single-thread GEMMs with 101 output columns run at
+    ~70% of the speed of 104 on AVX2 (AMD EPYC Zen 3: X @ W 64 vs 46 ms at 10100 x 1024 x 101 vs 104)."""
+    return m if m < 16 else -(-m // 8) * 8
+
+
 def _lbfgs(kind, X, T, W, b, reg, max_iter: int, tol: float, precond=None, history: int = 10,
-           ftol: float = 1e-7) -> int:
+           ftol: float = FTOL, window: int = WINDOW, m: int | None = None) -> int:
     """Minimise in place from (W, b) with L-BFGS and a backtracking (Armijo) line search -- enough for these
     strictly convex objectives, whose curvature pairs are always positive. Stops at relative stationarity,
     ``max|grad| <= tol * max|W| / (C n)`` (at the optimum the data term's gradient balances the regulariser's, so
-    this is scale-free and as strict at C=1000 as at C=0.1, unlike an absolute or a gradient-at-zero rule), when an
-    iteration changes the objective by less than ``ftol`` relatively (float32's floor), when the line search finds no
-    decrease, or after ``max_iter`` iterations. ``precond(q)``: an approximate inverse Hessian applied to a flat
-    vector, L-BFGS's initial matrix in place of a scaled identity (see :func:`gram_preconditioner`).
+    this is scale-free and as strict at C=1000 as at C=0.1, unlike an absolute or a gradient-at-zero rule), when the
+    objective fell by less than ``ftol`` per iteration, relatively, over the last ``window`` iterations, when the line
+    search finds no decrease (float32's floor), or after ``max_iter`` iterations. ``ftol=1e-5`` (``FTOL``): with
+    1e-7 the fits ran on to float32's floor (the line search's failure stopped them, the relative stationarity
+    never did): 2.1x the fit time for the same chosen C in 8 of 8 cells and test accuracies within 0.2 point (DeCAF
+    layers table, 101 fractal classes, pool5 and fc7 x the 4 classifiers, one split; AMD EPYC Zen 3, 1 thread).
+    ``precond(q)``: an approximate inverse Hessian applied to a flat vector, L-BFGS's initial matrix in place of a
+    scaled identity (see :func:`gram_preconditioner`).
     Written out rather than ``torch.optim.LBFGS``, whose first use imports torch._dynamo (5-15 s)."""
-    d, m = W.shape
+    d, cols = W.shape
 
     def evaluate(theta):
-        Wt, bt = theta[: d * m].view(d, m), theta[d * m:]
-        f, gW, gb = _loss_and_grad(kind, X, T, Wt, bt, reg)
+        Wt, bt = theta[: d * cols].view(d, cols), theta[d * cols:]
+        f, gW, gb = _loss_and_grad(kind, X, T, Wt, bt, reg, m)
         return float(f), torch.cat([gW.reshape(-1), gb])
 
     theta = torch.cat([W.reshape(-1), b])
     f, g = evaluate(theta)
     S, Y, rho = [], [], []
+    past = [f]  # the objective at the last ``window`` iterates
     it = 0
-    while it < max_iter and float(g.abs().max()) > tol * reg * float(theta[: d * m].abs().max()):
+    while it < max_iter and float(g.abs().max()) > tol * reg * float(theta[: d * cols].abs().max()):
         it += 1
         q = g.clone()
         alphas = []
@@ -139,12 +157,13 @@ def _lbfgs(kind, X, T, W, b, reg, max_iter: int, tol: float, precond=None, histo
             S.append(s), Y.append(y), rho.append(1.0 / sy)
             if len(S) > history:
                 S.pop(0), Y.pop(0), rho.pop(0)
-        converged = abs(f - f_new) <= ftol * abs(f)
+        past = (past + [f_new])[-window - 1:]
+        converged = len(past) > window and past[0] - f_new <= window * ftol * abs(f_new)
         theta, f, g = new, f_new, g_new
         if converged:
             break
-    W.copy_(theta[: d * m].view(d, m))
-    b.copy_(theta[d * m:])
+    W.copy_(theta[: d * cols].view(d, cols))
+    b.copy_(theta[d * cols:])
     return it
 
 
@@ -171,7 +190,8 @@ def gram_preconditioner(X: torch.Tensor, m: int):
 
 
 def fit_path(kind: str, X, y, Cs: Sequence[float], max_iter: int = 1000, tol: float = 1e-4,
-             init: TorchLinearModel | None = None, preconditioned: bool = True) -> list[TorchLinearModel]:
+             init: TorchLinearModel | None = None, preconditioned: bool = True, ftol: float = FTOL,
+             window: int = WINDOW) -> list[TorchLinearModel]:
     """One model per C of ``Cs`` (returned in the given order), fitted in ascending C, each warm-started from the
     previous (the first from ``init`` when given and of the same classes, else zeros)."""
     if kind not in KINDS:
@@ -182,20 +202,22 @@ def fit_path(kind: str, X, y, Cs: Sequence[float], max_iter: int = 1000, tol: fl
         raise ValueError("a linear classifier needs at least two classes")
     T = _targets(kind, torch.as_tensor(y_idx, dtype=torch.long), len(classes))
     m = 1 if len(classes) == 2 else len(classes)
+    mp = _padded(m)  # zero columns up to mp (targets 0 / no probability): faster GEMMs, the same optimum
+    if kind == "svm" and mp > m:
+        T = torch.cat([T, torch.zeros(len(T), mp - m)], dim=1)
+    W, b = torch.zeros(Xt.shape[1], mp), torch.zeros(mp)
     if init is not None and np.array_equal(init.classes_, classes) and init.coef_.shape == (Xt.shape[1], m):
-        W, b = init.coef_.clone(), init.intercept_.clone()
-    else:
-        W, b = torch.zeros(Xt.shape[1], m), torch.zeros(m)
+        W[:, :m], b[:m] = init.coef_, init.intercept_
     n = Xt.shape[0]
-    precond = gram_preconditioner(Xt, m) if preconditioned else None
+    precond = gram_preconditioner(Xt, mp) if preconditioned else None
     fitted: dict[float, TorchLinearModel] = {}
     for C in sorted({float(c) for c in Cs}):
         if not C > 0:
             raise ValueError(f"C={C}: expected > 0")
         reg = 1.0 / (C * n)
         pre = precond(reg, 2.0 if kind == "svm" else 1.0 / max(m, 4)) if precond else None
-        iters = _lbfgs(kind, Xt, T, W, b, reg, max_iter, tol, pre)
-        fitted[C] = TorchLinearModel(kind, C, classes, W.clone(), b.clone(), iters)
+        iters = _lbfgs(kind, Xt, T, W, b, reg, max_iter, tol, pre, ftol=ftol, window=window, m=m)
+        fitted[C] = TorchLinearModel(kind, C, classes, W[:, :m].clone(), b[:m].clone(), iters)
     return [fitted[float(c)] for c in Cs]
 
 
