@@ -177,9 +177,8 @@ def test_padding_columns_change_nothing(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["logreg", "svm"])
 def test_stopping_rule_stops_early_with_the_same_predictions(kind):
-    """The default rule (the objective fell by less than FTOL per iteration, relatively, over the last WINDOW
-    iterations) against running on to float32's floor (ftol=0: until the line search finds no decrease): at C=1000
-    about a third fewer iterations on these blobs (25 vs 38 logreg, 161 vs 247 svm; 2.1x less fit time on the DeCAF
+    """The default rule (an iteration lowered the objective by less than FTOL, relatively) against running on to
+    float32's floor (ftol=0: until the line search finds no decrease): at C=1000 about a third fewer iterations on these blobs (25 vs 38 logreg, 161 vs 247 svm; 2.1x less fit time on the DeCAF
     table's features) and, at every C, the same test predictions but for a few."""
     X, y = blobs(seed=1)
     X_test, _ = _test_blobs()
