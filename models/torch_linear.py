@@ -100,7 +100,8 @@ def _lbfgs(kind, X, T, W, b, reg, max_iter: int, tol: float, precond=None, histo
     strictly convex objectives, whose curvature pairs are always positive. Stops at relative stationarity,
     ``max|grad| <= tol * max|W| / (C n)`` (at the optimum the data term's gradient balances the regulariser's, so
     this is scale-free and as strict at C=1000 as at C=0.1, unlike an absolute or a gradient-at-zero rule), when an
-    iteration lowered the objective by less than ``ftol``, relatively, when the line search finds no decrease (float32's floor), or after ``max_iter`` iterations. ``ftol=1e-5`` (``FTOL``): with
+    iteration lowered the objective by less than ``ftol``, relatively, when the line search finds no decrease
+    (float32's floor), or after ``max_iter`` iterations. ``ftol=1e-5`` (``FTOL``): with
     1e-7 the fits ran on to float32's floor (the line search's failure stopped them, the relative stationarity
     never did): 2.1x the fit time for the same chosen C in 8 of 8 cells and test accuracies within 0.2 point (DeCAF
     layers table, 101 fractal classes, pool5 and fc7 x the 4 classifiers, one split; AMD EPYC Zen 3, 1 thread).
@@ -188,7 +189,8 @@ def gram_preconditioner(X: torch.Tensor, m: int):
 
 
 def fit_path(kind: str, X, y, Cs: Sequence[float], max_iter: int = 1000, tol: float = 1e-4,
-             init: TorchLinearModel | None = None, preconditioned: bool = True, ftol: float = FTOL) -> list[TorchLinearModel]:
+             init: TorchLinearModel | None = None, preconditioned: bool = True,
+             ftol: float = FTOL) -> list[TorchLinearModel]:
     """One model per C of ``Cs`` (returned in the given order), fitted in ascending C, each warm-started from the
     previous (the first from ``init`` when given and of the same classes, else zeros)."""
     if kind not in KINDS:
