@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +32,23 @@ MEAN = STD = 0.5  # the package weights' statistics (models/efficientnet.py weig
 
 
 def gt_crops(root: Path, split: str, size: int, pad: int = 2) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """(normalised crops N x 3 x size x size, class indices, class names) of the split's non-difficult objects."""
+    """(normalised crops N x 3 x size x size, class indices, class names) of the split's non-difficult objects,
+    read with the VOC loader's own parsing (datamodules/voc.py) and its bad-input policy."""
     import json
+    from collections import Counter
+
+    from datamodules.voc import parse_voc_xml, read_split_ids
 
     classes = json.loads((root / "manifest.json").read_text())["classes"]
+    index, counts = {c: k for k, c in enumerate(classes)}, Counter()
     xs, ys = [], []
-    for i in (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split():
+    for i in read_split_ids(root, split):
         im = Image.open(root / "JPEGImages" / f"{i}.jpg").convert("RGB")
-        for o in ET.parse(root / "Annotations" / f"{i}.xml").findall("object"):
-            if o.find("difficult").text == "1":
-                continue
-            b = [int(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
-            crop = im.crop((b[0] - 1 - pad, b[1] - 1 - pad, b[2] + pad, b[3] + pad)).resize((size, size), Image.BILINEAR)
+        _, _, boxes, labels, difficult = parse_voc_xml(root / "Annotations" / f"{i}.xml", index, counts, True)
+        for (x1, y1, x2, y2), label in zip(boxes[~difficult].astype(int), labels[~difficult], strict=True):
+            crop = im.crop((x1 - pad, y1 - pad, x2 + pad, y2 + pad)).resize((size, size), Image.BILINEAR)
             xs.append(np.asarray(crop, dtype=np.float32) / 255.0)
-            ys.append(classes.index(o.find("name").text))
+            ys.append(int(label))
     x = (torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2) - MEAN) / STD
     return x, np.array(ys), classes
 
@@ -71,7 +73,8 @@ def frozen_curve(net, train, test, train_objects: list[int], draws: int = 3) -> 
         n = len(ytr) if n <= 0 else min(n, len(ytr))
         accs = []
         for s in range(draws):
-            idx = np.random.default_rng(s).permutation(len(ytr))[:n]
+            # every object: the rows in order (the draws repeat one fit); fewer: a random subset per draw
+            idx = np.arange(n) if n == len(ytr) else np.random.default_rng(s).permutation(len(ytr))[:n]
             clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(ftr[idx], ytr[idx])
             accs.append(100 * float((clf.predict(fte) == yte).mean()))
         out.append((n, float(np.mean(accs)), float(np.std(accs))))
